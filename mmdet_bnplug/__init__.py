@@ -1,0 +1,9 @@
+"""mmdet-bnplug: batch normalisation for small per-GPU batches in mmdet 3.x.
+
+Importing the package registers its layers, hooks and helpers in mmengine's root
+registries (so ``custom_imports = dict(imports=['mmdet_bnplug'])`` is all a config
+needs) and applies the stack's compatibility fixes (``mmdet_bnplug.compat``).
+"""
+from . import compat  # noqa: F401  (first: the fixes apply on import)
+
+__version__ = '0.1.0'
