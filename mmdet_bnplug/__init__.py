@@ -5,5 +5,7 @@ registries (so ``custom_imports = dict(imports=['mmdet_bnplug'])`` is all a conf
 needs) and applies the stack's compatibility fixes (``mmdet_bnplug.compat``).
 """
 from . import compat  # noqa: F401  (first: the fixes apply on import)
+from . import norms  # noqa: F401
+from . import sync_bn_conversion  # noqa: F401
 
 __version__ = '0.1.0'
