@@ -2,11 +2,14 @@
 
 ``run_distributed(fn, world_size)`` spawns ``world_size`` processes, initialises a gloo
 process group in each (file rendezvous, so no port can clash with a concurrent run),
-calls ``fn(rank, world_size, *args)`` and returns the per-rank results. It is bounded in
-time: on a child's error or on the deadline every child is killed and the test fails.
+calls ``fn(rank, world_size, *args)`` and returns the per-rank results.
+``run_launcher(cmd)`` runs a launcher script (torchrun and its workers). Both are
+bounded in time: on a child's error or on the deadline every child is killed.
 """
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
@@ -65,6 +68,24 @@ def run_distributed(fn, world_size=2, args=(), timeout=120, pg_timeout=30):
                     p.join()
         return [torch.load(os.path.join(tmp, f'rank{r}.pt'), weights_only=False)
                 for r in range(world_size)]
+
+
+def run_launcher(cmd, cwd, timeout, env=None):
+    """Run ``cmd`` (e.g. tools/dist_train.sh ...) in its own process group; on the
+    deadline the whole group (torchrun and its workers) is killed. CompletedProcess."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise TimeoutError(f'{cmd} did not finish within {timeout} s:\n{stderr[-3000:]}')
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 class CollectiveCounter:

@@ -1,7 +1,13 @@
 """PortableSyncBN with mmengine's Runner: the ``sync_bn`` config key, and a 2-process run."""
+import os.path as osp
+import sys
+
 import mmengine.model
 import mmengine.runner.runner
 import pytest
+import torch
+from conftest import REPO, data_root_options
+from dist_utils import free_port, run_launcher
 from mmengine.registry import MODELS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -49,3 +55,38 @@ def test_without_the_fix_mmengine_would_replace_them():
 def test_sync_bn_key_bad_value_is_a_clear_error():
     with pytest.raises(ValueError, match='sync_bn should be "torch" or "mmcv"'):
         mmengine.runner.runner.convert_sync_batchnorm(nn.Sequential(PortableSyncBN(4)), 'apex')
+
+
+SYNCBN_TOY = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_syncbn_toy.py')
+QUICK = ['default_hooks.logger.interval=1', 'model.test_cfg.score_thr=0.0',
+         *(f'{loader}.{key}' for loader in ('train_dataloader', 'val_dataloader',
+                                            'test_dataloader')
+           for key in ('num_workers=0', 'persistent_workers=False'))]
+
+
+def test_two_process_toy_training_then_evaluation(tiny_synthetic, tmp_path):
+    """tools/dist_train.sh (2 gloo processes, with ``sync_bn='torch'`` set: the
+    PortableSyncBN layers must survive it on CPU), then tools/dist_test.sh."""
+    work_dir = str(tmp_path / 'work')
+    options = [*QUICK, *data_root_options(tiny_synthetic)]
+    env = dict(PYTHON=sys.executable)
+    train = run_launcher(
+        ['bash', 'tools/dist_train.sh', SYNCBN_TOY, '2', '--work-dir', work_dir,
+         '--cfg-options', *options, 'sync_bn=torch', 'train_cfg.max_iters=3',
+         'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=3',
+         'train_dataloader.batch_size=3'],
+        cwd=REPO, timeout=600, env=dict(env, PORT=str(free_port())))
+    assert train.returncode == 0, train.stderr[-3000:]
+    log = train.stdout + train.stderr
+    assert 'Distributed training: True' in log and 'GPU number: 2' in log  # world size
+    assert 'kept 20 mmdet_bnplug norm layers unconverted (PortableSyncBN x20)' in log
+    assert 'Iter(train) [3/3]' in log
+    state = torch.load(osp.join(work_dir, 'iter_3.pth'), map_location='cpu')['state_dict']
+    assert state['backbone.bn1.num_batches_tracked'] == 3
+
+    test = run_launcher(
+        ['bash', 'tools/dist_test.sh', SYNCBN_TOY, osp.join(work_dir, 'iter_3.pth'), '2',
+         '--work-dir', work_dir, '--cfg-options', *options],
+        cwd=REPO, timeout=600, env=dict(env, PORT=str(free_port())))
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert 'coco/bbox_mAP_50:' in test.stdout + test.stderr

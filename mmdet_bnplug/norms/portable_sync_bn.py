@@ -33,6 +33,11 @@ def _reduce_dims(x):
     return [0] + list(range(2, x.dim()))
 
 
+def _centred(x, mean):
+    """``x - mean`` per channel as a new tensor in the statistics' dtype."""
+    return x.to(mean.dtype) - _channel_view(mean, x)
+
+
 def _collective(op, what, *args, **kwargs):
     """Run a collective; a failure (peer gone, timeout) becomes an error saying where."""
     try:
@@ -77,7 +82,7 @@ def _process_group(group_size):
 def global_batch_stats(x, group):
     """Mean, biased variance ``(C,)`` and element count per channel over the group's batch.
 
-    Each rank contributes (count, mean, sum of squared deviations) in one all_gather;
+    Each rank contributes (count, mean, sum of squared deviations M2) in one all_gather;
     they are combined exactly (Chan et al.), which keeps precision when the mean is large
     against the spread. ``group=None``: this rank alone, no collective. The count is a
     Python int (0 when every rank's batch is empty, then mean and variance are 0).
@@ -85,11 +90,12 @@ def global_batch_stats(x, group):
     sd = _stat_dtype(x)
     channels = x.shape[1]
     n = x.numel() // channels
-    if n:
-        var, mean = torch.var_mean(x.detach().to(sd), dim=_reduce_dims(x), correction=0)
+    if n:  # two passes: mean, then squared deviations from it (torch.var_mean is slow on CPU)
+        mean = x.detach().to(sd).sum(_reduce_dims(x)) / n
+        m2 = _centred(x.detach(), mean).square_().sum(_reduce_dims(x))
     else:
-        var = mean = x.new_zeros(channels, dtype=sd)
-    local = torch.cat([mean.new_full((1, ), n), mean, var * n])
+        mean = m2 = x.new_zeros(channels, dtype=sd)
+    local = torch.cat([mean.new_full((1, ), n), mean, m2])
     if group is None:
         gathered = local[None]
     else:
@@ -98,7 +104,7 @@ def global_batch_stats(x, group):
     counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
     total = int(counts.sum().item())
     if total == 0:
-        return means[0] * 0, means[0] * 0, 0
+        return torch.zeros_like(means[0]), torch.zeros_like(means[0]), 0
     mean = (counts * means).sum(0) / total
     m2 = (m2s + counts * (means - mean)**2).sum(0)
     return mean, m2 / total, total
@@ -107,15 +113,15 @@ def global_batch_stats(x, group):
 class _GlobalBatchNorm(torch.autograd.Function):
     """``y = (x - mean) * invstd * w + b`` with given global statistics; the backward
     gives BN's input gradient on the group's concatenated batch (one all_reduce) and this
-    rank's own contribution to the weight and bias gradients."""
+    rank's own contribution to the weight and bias gradients. Temporaries are updated in
+    place: on CPU each fresh full-size tensor costs more than the arithmetic."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, count, group):
-        sd = mean.dtype
-        scale = invstd if weight is None else invstd * weight.to(sd)
-        y = (x.to(sd) - _channel_view(mean, x)) * _channel_view(scale, x)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        y = _centred(x, mean).mul_(_channel_view(scale, x))
         if bias is not None:
-            y = y + _channel_view(bias.to(sd), x)
+            y.add_(_channel_view(bias, x))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count, ctx.group = count, group
         return y.to(x.dtype)
@@ -124,10 +130,9 @@ class _GlobalBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, mean, invstd = ctx.saved_tensors
-        sd = mean.dtype
         dims = _reduce_dims(x)
-        dy = grad_y.to(sd)
-        xhat = (x.to(sd) - _channel_view(mean, x)) * _channel_view(invstd, x)
+        dy = grad_y.to(mean.dtype)
+        xhat = _centred(x, mean).mul_(_channel_view(invstd, x))
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * xhat).sum(dims)
         grad_x = grad_w = grad_b = None
@@ -137,9 +142,11 @@ class _GlobalBatchNorm(torch.autograd.Function):
                 _collective(dist.all_reduce, 'all_reduce of gradient statistics', sums,
                             group=ctx.group)
             mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
-            scale = invstd if weight is None else invstd * weight.to(sd)
-            grad_x = ((dy - _channel_view(mean_dy, x) - xhat * _channel_view(mean_dy_xhat, x))
-                      * _channel_view(scale, x)).to(x.dtype)
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            # (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd, in xhat's storage
+            grad_x = (xhat.mul_(_channel_view(-mean_dy_xhat, x)).add_(dy)
+                      .sub_(_channel_view(mean_dy, x)).mul_(_channel_view(scale, x))
+                      .to(x.dtype))
         if ctx.needs_input_grad[1]:
             grad_w = sum_dy_xhat.to(weight.dtype)
         if ctx.needs_input_grad[2]:
