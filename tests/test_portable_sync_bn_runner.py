@@ -73,7 +73,7 @@ def test_two_process_toy_training_then_evaluation(tiny_synthetic, tmp_path):
     train = run_launcher(
         ['bash', 'tools/dist_train.sh', SYNCBN_TOY, '2', '--work-dir', work_dir,
          '--cfg-options', *options, 'sync_bn=torch', 'train_cfg.max_iters=3',
-         'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=3',
+         'train_cfg.val_begin=100', 'default_hooks.checkpoint.interval=3',
          'train_dataloader.batch_size=3'],
         cwd=REPO, timeout=600, env=dict(env, PORT=str(free_port())))
     assert train.returncode == 0, train.stderr[-3000:]
