@@ -58,6 +58,24 @@ def test_sync_bn_key_bad_value_is_a_clear_error():
 
 
 SYNCBN_TOY = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_syncbn_toy.py')
+SYNCBN_COCO = osp.join(REPO, 'configs', 'retinanet', 'retinanet_r50_fpn_syncbn_1x_coco.py')
+
+
+@pytest.mark.parametrize('config', [SYNCBN_TOY, SYNCBN_COCO], ids=['toy', 'coco'])
+def test_syncbn_configs_build_portable_sync_bn_backbones(config):
+    """Every BN layer of the backbone is a trained (not norm_eval) PortableSyncBN."""
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    cfg = Config.fromfile(config)
+    assert cfg.model.backbone.norm_cfg == dict(type='PortableSyncBN', requires_grad=True)
+    cfg.model.backbone.init_cfg = None  # no pretrained download
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        backbone = MMDET_MODELS.build(cfg.model.backbone)
+    backbone.train()  # mmdet's ResNet.train returns None
+    norms = [m for m in backbone.modules() if isinstance(m, _BatchNorm)]
+    assert norms and all(type(m) is PortableSyncBN for m in norms)
+    assert backbone.layer4[0].bn1.training  # trained, unlike the default norm_eval=True
 QUICK = ['default_hooks.logger.interval=1', 'model.test_cfg.score_thr=0.0',
          *(f'{loader}.{key}' for loader in ('train_dataloader', 'val_dataloader',
                                             'test_dataloader')
