@@ -206,8 +206,8 @@ def test_mmengine_sync_bn_conversion_keeps_it_frozen_under_norm_eval():
 
     EvalBN survives it in effect: its momentum is 0, so the converted layers keep their
     statistics, and under norm_eval (mmdet's ResNet default, or NormEval) they normalise
-    with them. Without norm_eval a converted layer would use batch statistics; the
-    NormEvalCheckHook reports layers that were meant to be frozen and are not.
+    with them, exactly as before. Without norm_eval a converted layer would normalise with
+    batch statistics in training mode (docs/frozen_bn.md: keep norm_eval on with sync_bn).
     """
     from mmdet.models.backbones import ResNet
     model = ResNet(18, norm_cfg=dict(type='EvalBN'), norm_eval=True, out_indices=(3, ))
