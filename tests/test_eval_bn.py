@@ -47,15 +47,16 @@ def test_matches_float64_reference_any_rank(shape, training):
 
 
 @pytest.mark.parametrize('frozen_affine', [False, True])
-def test_equals_batchnorm2d_eval_forward_and_backward(frozen_affine):
+@pytest.mark.parametrize('size', [5, 128])  # the frozen path differs above 2**18 elements
+def test_equals_batchnorm2d_eval_forward_and_backward(frozen_affine, size):
     ebn = random_state(EvalBN(8)).train()
     bn = nn.BatchNorm2d(8)
     bn.load_state_dict(ebn.state_dict())
     bn.eval()
     ebn.requires_grad_(not frozen_affine)
     bn.requires_grad_(not frozen_affine)
-    x = torch.randn(2, 8, 5, 5)
-    g = torch.randn(2, 8, 5, 5)
+    x = torch.randn(2, 8, size, size)
+    g = torch.randn(2, 8, size, size)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = ebn(x1), bn(x2)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
@@ -71,7 +72,7 @@ def test_equals_batchnorm2d_eval_forward_and_backward(frozen_affine):
 
 def test_frozen_backward_keeps_no_activation():
     layer = random_state(EvalBN(4)).requires_grad_(False).train()
-    y = layer(torch.randn(2, 4, 6, 6, requires_grad=True))
+    y = layer(torch.randn(2, 4, 256, 256, requires_grad=True))
     assert [t.shape for t in y.grad_fn.saved_tensors] == [torch.Size([4])]
 
 
@@ -159,6 +160,8 @@ def test_half_model_trains(dtype, frozen_affine):
     x = torch.randn(2, 3, 8, 8, dtype=dtype, requires_grad=True)
     y = model(x)
     assert y.dtype == dtype
+    big = model[:2](torch.randn(1, 3, 256, 256, dtype=dtype))  # the frozen fast path
+    big.float().mean().backward()
     y.float().square().mean().backward()
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
     assert (model[1].weight.grad is None) == frozen_affine

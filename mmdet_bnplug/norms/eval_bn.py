@@ -4,9 +4,19 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..bn_like import eval_affine
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Below this many input elements the native kernel's saved input is negligible and
+# beats a Python autograd Function on time: the frozen path uses it there too.
+_NATIVE_BELOW = 1 << 18
+
+
+def _cast(tensor, dtype):
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _trains(param):
+    return param is not None and param.requires_grad
 
 
 class _FrozenAffine(torch.autograd.Function):
@@ -31,8 +41,9 @@ class EvalBN(_BatchNorm):
     The running statistics are used and never updated, in training and eval mode alike
     (``momentum`` is accepted for signature compatibility with ``nn.BatchNorm2d`` and
     stored as 0). The affine ``weight``/``bias`` train unless ``requires_grad=False``;
-    then the layer is a constant per-channel affine map and its backward pass is a single
-    multiply that keeps no activation alive. Loads ``nn.BatchNorm2d``, ``SyncBatchNorm``
+    then the layer is a constant per-channel affine map, and (for inputs of 2**18
+    elements or more) its backward pass is a single multiply that keeps no activation
+    alive. Loads ``nn.BatchNorm2d``, ``SyncBatchNorm``
     and mmdet ``FrozenBN`` state dicts with ``strict=True``.
 
     Input ``(N, C, *)`` of any rank >= 2 and any floating dtype; the output has the
@@ -61,14 +72,14 @@ class EvalBN(_BatchNorm):
 
     def forward(self, x):
         self._check_input_dim(x)
+        mean, var, weight, bias = self.running_mean, self.running_var, self.weight, self.bias
         dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-        mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
-        weight = None if self.weight is None else self.weight.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        affine_trains = torch.is_grad_enabled() and any(
-            p is not None and p.requires_grad for p in (self.weight, self.bias))
-        if affine_trains or not (x.requires_grad and torch.is_grad_enabled()):
-            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
-        with torch.no_grad():
-            scale = eval_affine(self)[0]
-        return _FrozenAffine.apply(x, mean, var, weight, bias, self.eps, scale)
+        if var.dtype != dtype or (weight is not None and weight.dtype != dtype):
+            mean, var, weight, bias = (_cast(t, dtype) for t in (mean, var, weight, bias))
+        if (x.requires_grad and x.numel() >= _NATIVE_BELOW and torch.is_grad_enabled()
+                and not _trains(self.weight) and not _trains(self.bias)):
+            scale = torch.rsqrt(var + self.eps)
+            if weight is not None:
+                scale = scale * weight
+            return _FrozenAffine.apply(x, mean, var, weight, bias, self.eps, scale)
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
