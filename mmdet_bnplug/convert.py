@@ -16,7 +16,7 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import nn
 
-from .bn_like import bn_like_types, eval_affine, is_bn_like
+from .bn_like import bn_like_layers, bn_like_types, eval_affine, is_bn_like
 from .norm_eval import resolve_registered
 
 
@@ -47,14 +47,14 @@ def _resolve_target(to):
 
 def _select(model, include, exclude):
     """Names of the BN-like layers matching ``include`` and not ``exclude`` (globs)."""
-    names = [name for name, m in model.named_modules() if is_bn_like(m)]
+    names = [name for name, _ in bn_like_layers(model)]
     if not names:
         raise ValueError('convert_norm: the model has no BN-like layers')
     selected = set(names)
     for key, patterns in (('include', include), ('exclude', exclude)):
         patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
         for pattern in patterns:
-            if not fnmatch.filter(names, pattern):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise ValueError(f'convert_norm: {key} pattern {pattern!r} matches no '
                                  f'BN-like layer; layers are e.g. {names[:3]}')
         if patterns:
@@ -158,9 +158,10 @@ def _kernel(conv):
     return conv.weight if type(conv) in _PLAIN_CONVS else None
 
 
-def _norm_first(parent):
+def _applied_elsewhere(parent):
+    """A ConvModule whose order does not apply its norm right after its conv."""
     return isinstance(parent, ConvModule) and \
-        parent.order.index('norm') < parent.order.index('conv')
+        parent.order.index('norm') != parent.order.index('conv') + 1
 
 
 def _folded_conv(conv, kernel, scale, shift):
@@ -185,8 +186,8 @@ def fuse_norm(model: nn.Module) -> nn.Module:
     ``eval_scale_shift``). The conv must be a plain ``nn.Conv1d/2d/3d`` (mmcv's wrappers
     included) or expose ``centred_weight`` (ConvWC); it becomes a plain ``nn.ConvNd``
     with bias and the norm an ``nn.Identity``. Relies on registration order (conv, then
-    its norm), as in mmcv ``ConvModule`` (norm-first orders are left alone), mmdet ResNet
-    blocks and ``nn.Sequential``. For inference: the result computes the eval-mode
+    its norm), as in mmcv ``ConvModule`` (orders other than conv-norm-... are left
+    alone), mmdet ResNet blocks and ``nn.Sequential``. For inference: the result computes the eval-mode
     output. Norms left unfused are logged.
     """
     for parent in list(model.modules()):
@@ -195,7 +196,7 @@ def fuse_norm(model: nn.Module) -> nn.Module:
             if not (is_bn_like(norm) or hasattr(norm, 'eval_scale_shift')):
                 continue
             kernel = _kernel(conv)
-            if kernel is None or _norm_first(parent) or \
+            if kernel is None or _applied_elsewhere(parent) or \
                     getattr(norm, 'running_var', 0) is None or \
                     kernel.shape[0] != norm.num_features:
                 continue

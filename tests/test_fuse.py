@@ -69,13 +69,15 @@ def test_conv_module(norm_cfg):
 
 
 def test_1d_3d_and_what_is_left_alone(caplog):
-    norm_first = ConvModule(4, 4, 1, norm_cfg=dict(type='BN'), order=('norm', 'conv', 'act'))
+    def conv_module(order):
+        return ConvModule(4, 4, 1, norm_cfg=dict(type='BN'), order=order)
+
     model = nn.Sequential(
         nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.Unflatten(2, (1, 1, -1)),
         nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4), nn.Flatten(2), nn.Unflatten(2, (1, -1)),
-        norm_first,
+        conv_module(('norm', 'conv', 'act')), conv_module(('conv', 'act', 'norm')),
         nn.Conv2d(4, 4, 1), nn.ReLU(), nn.BatchNorm2d(4))  # a norm after an activation
     fused, err = fused_vs_plain(model, torch.randn(2, 3, 10))
     assert err < 1e-5
     assert type(fused[0]) is nn.Conv1d and type(fused[3]) is nn.Conv3d
-    assert [name for name, _ in bn_like_layers(fused)] == ['7.bn', '10']
+    assert [name for name, _ in bn_like_layers(fused)] == ['7.bn', '8.bn', '11']
