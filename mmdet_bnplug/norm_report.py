@@ -144,10 +144,11 @@ def inspect_norms(model: nn.Module, train_step=None, iters: int = 0) -> str:
                f'{sum(bool(r["frozen"]) for r in rows)} meant to be frozen.']
     if moved is not None:
         broken = [r['name'] for r in rows if r['frozen'] and r['moved'] != 'no']
+        verdict = (f'meant to be frozen but moved: {", ".join(broken)}' if broken else
+                   'every layer meant to be frozen stayed frozen.'
+                   if any(r['frozen'] for r in rows) else 'no layer is meant to be frozen.')
         summary.append(f'After {iters} training iteration(s) the statistics of {len(moved)} '
-                       f'of {n} layers moved'
-                       + (f'; meant to be frozen but moved: {", ".join(broken)}'
-                          if broken else '; every layer meant to be frozen stayed frozen.'))
+                       f'of {n} layers moved; {verdict}')
     return format_norm_table(rows) + '\n' + '\n'.join(summary)
 
 
