@@ -1,4 +1,6 @@
 """NormEvalMixin / NormEval: norm_eval enforced on every BN-like layer, whatever happens."""
+import random
+
 import pytest
 import torch
 from mmcv.cnn import build_norm_layer
@@ -59,19 +61,15 @@ def snapshot(model):
             for name, layer in bn_like_layers(model)}
 
 
-def mode_calls(model):
-    """A messy sequence of train()/eval() calls on the model and its submodules."""
-    subs = [m for m in model.modules() if m is not model]
-    model.eval()
+def mode_calls(model, rng):
+    """A random sequence of train()/eval() calls on the model and its submodules, ending
+    with every BN-like layer itself put in training mode."""
+    modules = list(model.modules())
+    for _ in range(12):
+        rng.choice(modules).train(rng.random() < 0.7)
     model.train()
-    subs[len(subs) // 3].train()
-    model.eval()
-    subs[1].train()
-    for m in subs[::7]:
-        m.train()
-    model.train()
-    subs[-1].train()
-    bn_like_layers(model)[0][1].train()
+    for _, layer in bn_like_layers(model):
+        layer.train()
 
 
 def train_steps(model, steps=3, size=32):
@@ -90,14 +88,14 @@ def test_statistics_bit_identical_after_any_mode_calls_and_steps(name, freeze_af
     perturb_statistics(model)
     before = snapshot(model)
     affine0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mode_calls(model)
     # a rogue forward pre-hook that puts a block back in training mode
     second_norm = bn_like_layers(model)[1][0]
     rogue = model.get_submodule(second_norm.rpartition('.')[0])
     rogue.register_forward_pre_hook(lambda m, args: None if m.train() else None)
-    train_steps(model)
-    mode_calls(model)
-    train_steps(model)
+    rng = random.Random(0)
+    for _ in range(3):
+        mode_calls(model, rng)
+        train_steps(model, steps=2)
     assert snapshot(model).keys() == before.keys()
     for layer_name, bufs in snapshot(model).items():
         for k, v in bufs.items():
