@@ -79,15 +79,15 @@ def _convert_layer(src, cls, kwargs, requires_grad):
                          '(track_running_stats=False) to carry over')
     state = src.batchnorm_state() if hasattr(src, 'batchnorm_state') else src.state_dict()
     weight = getattr(src, 'weight', None)
+    ref = src.running_var if src.running_var is not None else weight
     init = dict(eps=src.eps, affine=weight is not None)
     if hasattr(cls, 'from_batchnorm'):  # e.g. MABN: eval-exact from a plain BN
-        bn = nn.BatchNorm2d(src.num_features, **init)
+        bn = nn.BatchNorm2d(src.num_features, **init, device=ref.device, dtype=ref.dtype)
         _copy_state(bn, state)
         dst = cls.from_batchnorm(bn, **kwargs)
     else:
         dst = cls(src.num_features, **{**init, **kwargs})
         _copy_state(dst, state)
-    ref = src.running_var if src.running_var is not None else weight
     dst.to(device=ref.device, dtype=ref.dtype)
     for name, param in dst.named_parameters(recurse=False):
         old = getattr(src, name, None)

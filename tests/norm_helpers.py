@@ -14,7 +14,9 @@ def randomise_norms(model, seed=0):
     with torch.no_grad():
         for _, layer in bn_like_layers(model):
             c = layer.num_features
-            layer.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            mean = torch.randn(c, generator=g) * 0.2
+            if not hasattr(layer, 'eval_scale_shift'):  # MABN keeps running_mean at 0
+                layer.running_mean.copy_(mean)
             layer.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
             if getattr(layer, 'weight', None) is not None:
                 layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
