@@ -121,3 +121,21 @@ def test_clear_errors():
     with pytest.raises(ValueError, match='no running statistics'):
         convert_norm(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), 'EvalBN')
     assert all(type(m) is nn.BatchNorm2d for _, m in bn_like_layers(model))
+
+
+def test_real_mabn_and_portable_sync_bn():
+    """The same paths with the real layers (skipped until they are on this branch)."""
+    pytest.importorskip('mmdet_bnplug.norms.mabn')
+    pytest.importorskip('mmdet_bnplug.norms.portable_sync_bn')
+    model = resnet()
+    expected = eval_out(model, X)
+    convert_norm(model, 'PortableSyncBN')
+    assert type(model.bn1).__name__ == 'PortableSyncBN'
+    torch.testing.assert_close(eval_out(model, X), expected, rtol=0, atol=0)
+    convert_norm(model, dict(type='MABN', buffer_size=4), include='layer*')
+    assert type(model.layer1[0].bn1).__name__ == 'MABN'
+    assert model.layer1[0].bn1.buffer_size == 4
+    torch.testing.assert_close(eval_out(model, X), expected, rtol=1e-5, atol=1e-6)
+    convert_norm(model, 'EvalBN')
+    assert all(type(m) is EvalBN for _, m in bn_like_layers(model))
+    torch.testing.assert_close(eval_out(model, X), expected, rtol=1e-5, atol=1e-6)

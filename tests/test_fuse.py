@@ -81,3 +81,14 @@ def test_1d_3d_and_what_is_left_alone(caplog):
     assert err < 1e-5
     assert type(fused[0]) is nn.Conv1d and type(fused[3]) is nn.Conv3d
     assert [name for name, _ in bn_like_layers(fused)] == ['7.bn', '8.bn', '11']
+
+
+def test_real_convwc_and_mabn_resnet():
+    """ResNet with the real ConvWC + MABN (skipped until they are on this branch)."""
+    pytest.importorskip('mmdet_bnplug.norms.mabn')
+    pytest.importorskip('mmdet_bnplug.conv_wc')
+    model = ResNet(18, out_indices=(0, 1, 2, 3), conv_cfg=dict(type='ConvWC'),
+                   norm_cfg=dict(type='MABN'))
+    fused, err = fused_vs_plain(model, torch.randn(2, 3, 64, 64))
+    assert err < 1e-5 and not bn_like_layers(fused)
+    assert type(fused.conv1) is nn.Conv2d and type(fused.layer1[0].conv2) is nn.Conv2d
