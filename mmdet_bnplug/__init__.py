@@ -5,5 +5,6 @@ registries (so ``custom_imports = dict(imports=['mmdet_bnplug'])`` is all a conf
 needs) and applies the stack's compatibility fixes (``mmdet_bnplug.compat``).
 """
 from . import compat  # noqa: F401  (first: the fixes apply on import)
+from . import conv_wc, norms  # noqa: F401
 
 __version__ = '0.1.0'
