@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 CLASSES = ('circle', 'square', 'triangle')
+_SUBPIXEL_BITS = 4
 
 
 @dataclass(frozen=True)
@@ -71,17 +72,19 @@ def _contrasting_colour(rng, background_mean):
 
 
 def _draw(img, cls, box, colour):
-    """Draw shape ``cls`` filling ``box`` = (x0, y0, x1, y1) in place."""
+    """Draw shape ``cls`` filling pixels [x0, x1) x [y0, y1) of ``box`` in place."""
     x0, y0, x1, y1 = box
+    one = 1 << _SUBPIXEL_BITS  # cv2 fixed-point coordinates, for exact half-pixel centres
     if cls == 'circle':
-        centre = ((x0 + x1) // 2, (y0 + y1) // 2)
-        cv2.ellipse(img, centre, ((x1 - x0) // 2, (y1 - y0) // 2), 0, 0, 360, colour, -1,
-                    cv2.LINE_AA)
+        centre = ((x0 + x1 - 1) * one // 2, (y0 + y1 - 1) * one // 2)
+        axes = ((x1 - x0 - 1) * one // 2, (y1 - y0 - 1) * one // 2)
+        cv2.ellipse(img, centre, axes, 0, 0, 360, colour, -1, cv2.LINE_AA, _SUBPIXEL_BITS)
     elif cls == 'square':
         cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), colour, -1)
     else:
-        pts = np.array([[(x0 + x1) // 2, y0], [x0, y1 - 1], [x1 - 1, y1 - 1]], np.int32)
-        cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
+        pts = np.array([[(x0 + x1 - 1) * one // 2, y0 * one], [x0 * one, (y1 - 1) * one],
+                        [(x1 - 1) * one, (y1 - 1) * one]], np.int32)
+        cv2.fillPoly(img, [pts], colour, cv2.LINE_AA, _SUBPIXEL_BITS)
 
 
 def _covered_fraction(a, b):

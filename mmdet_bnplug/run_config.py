@@ -1,0 +1,130 @@
+"""Loading and checking a run's config for ``tools/train.py`` and ``tools/test.py``.
+
+mmdet 3.x conventions (``--work-dir``, ``--cfg-options``, ``--launcher``); on top of them,
+mistakes that would otherwise surface minutes later deep inside the Runner are caught
+before anything is built: a missing config file, a missing dataset, an unknown norm type.
+"""
+import difflib
+import os
+import os.path as osp
+
+import torch
+from mmengine.config import Config, DictAction
+from torch import nn
+
+SYNTHETIC_HINT = ('generate the synthetic dataset with: '
+                  'python tools/make_synthetic.py {root}')
+COCO_HINT = ('download COCO 2017 (train2017/, val2017/, annotations/) to {root}, '
+             'or point data_root at it with --cfg-options')
+
+
+def add_common_args(parser):
+    """The arguments train.py and test.py share, named as in mmdet's tools."""
+    parser.add_argument('--work-dir', help='directory for logs and checkpoints '
+                        '(default: ./work_dirs/<config name>)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config entries, key=value pairs in xxx=yyy format '
+        '(e.g. model.backbone.norm_cfg.type=MABN)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser
+
+
+def load_config(args):
+    """Read ``args.config``, apply ``--cfg-options``, launcher and work dir; return it."""
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file not found: {args.config!r}')
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    check_norm_types(cfg.get('model', {}))
+    return cfg
+
+
+def _norm_cfgs(node, path):
+    """Yield (config path, norm config dict) for every ``*norm_cfg`` entry below ``node``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = f'{path}.{key}'
+            if key.endswith('norm_cfg') and isinstance(value, dict) and 'type' in value:
+                yield child, value
+            yield from _norm_cfgs(value, child)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _norm_cfgs(value, f'{path}[{i}]')
+
+
+def _is_norm_class(cls):
+    norm_bases = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    return isinstance(cls, type) and (issubclass(cls, norm_bases) or 'Norm' in cls.__name__)
+
+
+def _registered_norm_names(registry):
+    names = set()
+    while registry is not None:
+        names.update(name for name, cls in registry.module_dict.items() if _is_norm_class(cls))
+        registry = registry.parent
+    return sorted(names)
+
+
+def check_norm_types(model_cfg):
+    """Raise a KeyError naming the config path if a norm ``type`` is not registered."""
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    for path, norm_cfg in _norm_cfgs(model_cfg, 'model'):
+        norm_type = norm_cfg['type']
+        if not isinstance(norm_type, str) or MMDET_MODELS.get(norm_type) is not None:
+            continue
+        known = _registered_norm_names(MMDET_MODELS)
+        close = difflib.get_close_matches(norm_type, known, n=3)
+        hint = f' Did you mean {", ".join(close)}?' if close else ''
+        raise KeyError(f'{path}.type={norm_type!r} is not a registered norm layer.{hint} '
+                       f'Registered norm layers: {", ".join(known)}. mmdet_bnplug\'s layers '
+                       'are registered by importing mmdet_bnplug (custom_imports).')
+
+
+def _datasets(dataset_cfg):
+    """The leaf dataset configs of a (possibly wrapped) dataset config."""
+    if 'datasets' in dataset_cfg:
+        for sub in dataset_cfg['datasets']:
+            yield from _datasets(sub)
+    elif 'dataset' in dataset_cfg:
+        yield from _datasets(dataset_cfg['dataset'])
+    else:
+        yield dataset_cfg
+
+
+def check_datasets(cfg, loader_keys):
+    """Raise FileNotFoundError, saying how to get the data, if a dataset's files are absent."""
+    for key in loader_keys:
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        for dataset in _datasets(loader['dataset']):
+            root = dataset.get('data_root') or ''
+            ann_file = dataset.get('ann_file') or ''
+            ann_path = ann_file if osp.isabs(ann_file) else osp.join(root, ann_file)
+            missing = [p for p in (root, ann_path) if p and not osp.exists(p)]
+            if missing:
+                hint = SYNTHETIC_HINT if 'synthetic' in ann_path else COCO_HINT
+                raise FileNotFoundError(
+                    f'{key}.dataset: {missing[0]!r} not found; '
+                    + hint.format(root=root or osp.dirname(ann_path)))
+
+
+def check_amp_device():
+    """``--amp`` uses mmengine's AmpOptimWrapper, which needs an accelerator."""
+    if not torch.cuda.is_available():
+        raise RuntimeError('--amp needs a CUDA device (mmengine AmpOptimWrapper); '
+                           'none is available on this machine')

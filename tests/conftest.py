@@ -1,0 +1,37 @@
+"""Shared fixtures: paths of the repository and a tiny synthetic dataset."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+from mmdet_bnplug.synthetic import SyntheticSpec, generate
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOY_BN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_bn_toy.py')
+
+
+@pytest.fixture(scope='session')
+def tiny_synthetic(tmp_path_factory):
+    """A 16-image train / 8-image val synthetic dataset; returns its root directory."""
+    root = tmp_path_factory.mktemp('synthetic')
+    generate(str(root), num_train=16, num_val=8, seed=3, spec=SyntheticSpec())
+    return str(root)
+
+
+def data_root_options(root):
+    """``--cfg-options`` entries pointing a toy config at another synthetic dataset root."""
+    root = root.rstrip('/') + '/'
+    return [f'train_dataloader.dataset.data_root={root}',
+            f'val_dataloader.dataset.data_root={root}',
+            f'test_dataloader.dataset.data_root={root}',
+            f'val_evaluator.ann_file={root}annotations/val.json',
+            f'test_evaluator.ann_file={root}annotations/val.json']
+
+
+def run_tool(args, timeout=600, env=None):
+    """Run ``python <args>`` from the repository root; return the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)

@@ -1,0 +1,44 @@
+"""Train a few iterations with tools/train.py, evaluate with tools/test.py, resume."""
+import os
+
+import torch
+
+from conftest import TOY_BN_CONFIG, data_root_options, run_tool
+
+SHORT = ['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
+         'default_hooks.checkpoint.interval=4', 'default_hooks.logger.interval=1',
+         'train_dataloader.batch_size=4', 'train_dataloader.num_workers=0',
+         'train_dataloader.persistent_workers=False', 'val_dataloader.num_workers=0',
+         'val_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',
+         'test_dataloader.persistent_workers=False',
+         # an untrained RetinaNet scores about its prior, 0.01: keep every box
+         'model.test_cfg.score_thr=0.0']
+
+
+def test_train_save_evaluate_and_resume(tiny_synthetic, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    options = ['--cfg-options', *SHORT, *data_root_options(tiny_synthetic)]
+    train = run_tool(['tools/train.py', TOY_BN_CONFIG, '--work-dir', work_dir, *options])
+    assert train.returncode == 0, train.stderr[-3000:]
+    checkpoint = os.path.join(work_dir, 'iter_4.pth')
+    assert os.path.isfile(checkpoint)
+    assert 'coco/bbox_mAP_50' in train.stdout  # validation ran at the end of training
+
+    # the checkpoint is mmengine's full training state and loads with torch's defaults
+    state = torch.load(checkpoint, map_location='cpu')
+    assert state['meta']['iter'] == 4 and 'message_hub' in state and 'optimizer' in state
+
+    test = run_tool(['tools/test.py', TOY_BN_CONFIG, checkpoint, '--work-dir', work_dir,
+                     '--out', str(tmp_path / 'predictions.pkl'), *options])
+    assert test.returncode == 0, test.stderr[-3000:]
+    for metric in ('coco/bbox_mAP:', 'coco/bbox_mAP_50:', 'coco/bbox_mAP_75:'):
+        assert metric in test.stdout
+    assert os.path.getsize(tmp_path / 'predictions.pkl') > 0
+
+    resumed = run_tool(['tools/train.py', TOY_BN_CONFIG, '--work-dir', work_dir, '--resume',
+                        *options, 'train_cfg.max_iters=6', 'train_cfg.val_interval=6',
+                        'default_hooks.checkpoint.interval=6'])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resumed epoch: 0, iter: 4' in resumed.stdout
+    assert 'Iter(train) [5/6]' in resumed.stdout and 'Iter(train) [1/6]' not in resumed.stdout
+    assert os.path.isfile(os.path.join(work_dir, 'iter_6.pth'))

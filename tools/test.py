@@ -1,0 +1,38 @@
+"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--work-dir DIR]
+[--out results.pkl] [--cfg-options k=v ...] [--launcher ...]`` (mmdet 3.x style)."""
+import argparse
+import os.path as osp
+
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
+from mmdet_bnplug.run_config import add_common_args, check_datasets, load_config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Evaluate a detector checkpoint')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--out', help='dump the raw predictions to this .pkl file')
+    return add_common_args(parser).parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint file not found: {args.checkpoint!r}')
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out must be a .pkl or .pickle file, got {args.out!r}')
+    cfg = load_config(args)
+    check_datasets(cfg, ['test_dataloader'])
+    cfg.load_from = args.checkpoint
+    runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+    if args.out is not None:
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    runner.test()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,41 @@
+"""Train a detector: ``python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]]
+[--amp] [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]`` (mmdet 3.x style)."""
+import argparse
+
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
+from mmdet_bnplug.run_config import (add_common_args, check_amp_device, check_datasets,
+                                     load_config)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a detector')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision training (needs CUDA)')
+    parser.add_argument(
+        '--resume', nargs='?', const='auto', default=None,
+        help='resume from CKPT, or with no value from the latest checkpoint in the work dir')
+    return add_common_args(parser).parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args)
+    check_datasets(cfg, ['train_dataloader', 'val_dataloader'])
+    if args.amp:
+        check_amp_device()
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
