@@ -70,3 +70,21 @@ def test_resnet_with_convwc_and_mabn_from_a_config():
     outs = backbone(torch.randn(1, 3, 64, 64))
     assert [o.shape[1] for o in outs] == [64, 128, 256, 512]
     assert all(n.num_batches_tracked.item() == 4 for n in norms)
+
+
+@pytest.mark.parametrize('config', ['retinanet/retinanet_r50_fpn_mabn_1x_coco.py',
+                                    'toy/retinanet_r18_fpn_mabn_toy.py'])
+def test_configs_build_convwc_mabn_backbones(config):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    from conftest import REPO
+    register_all_modules()  # mmdet's default scope, as tools/train.py sets it
+    cfg = Config.fromfile(f'{REPO}/configs/{config}')
+    assert cfg.model.backbone.norm_eval is False
+    cfg.model.backbone.init_cfg = None  # no download
+    backbone = MODELS.build(cfg.model).backbone
+    assert all(type(m) is ConvWC for m in backbone.modules() if isinstance(m, nn.Conv2d))
+    assert all(type(m) is MABN for m in backbone.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
