@@ -287,3 +287,18 @@ def test_loads_a_batchnorm_state_dict_eval_exactly():
     with warnings.catch_warnings():  # its own state dict loads as is
         warnings.simplefilter('error')
         MABN(5, **QUICK).load_state_dict(layer.state_dict(), strict=True)
+
+
+@pytest.mark.filterwarnings('ignore:torch.utils.checkpoint')
+def test_mmdet_resnet_with_cp_advances_once_per_step():
+    from mmdet.registry import MODELS
+    backbone = MODELS.build(
+        dict(type='ResNet', depth=18, out_indices=(3, ), with_cp=True, norm_eval=False,
+             init_cfg=None,
+             conv_cfg=dict(type='ConvWC'), norm_cfg=dict(type='MABN', **QUICK)))
+    backbone.train()
+    for _ in range(3):
+        backbone(torch.randn(1, 3, 32, 32))[0].sum().backward()
+    counts = {m.num_batches_tracked.item() for m in backbone.modules()
+              if isinstance(m, MABN)}
+    assert counts == {3}

@@ -22,6 +22,11 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, cheaper when nothing changes (the common case)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _Consts(NamedTuple):
     """Cached constants in the statistics dtype: ``zeros``, ``ones`` (C,) feed BN
     kernels an identity mean/variance; ``eps`` 0-dim (cheaper to add than a float)."""
@@ -85,8 +90,8 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, consts: _Consts):
         step = layer._step(x, consts)
-        scale = step.q if weight is None else step.q * weight.to(step.q.dtype)
-        shift = None if bias is None else bias.to(step.q.dtype)
+        scale = step.q if weight is None else step.q * _cast(weight, step.q.dtype)
+        shift = None if bias is None else _cast(bias, step.q.dtype)
         ctx.save_for_backward(x, weight)
         ctx.scale, ctx.step, ctx.buffer_gz, ctx.consts = (scale, step, layer.buffer_gz,
                                                           consts)
@@ -102,17 +107,17 @@ class _MABNFunction(torch.autograd.Function):
         # gz = mean(g * z) with g = dy * w * r, z = x / sqrt(s2 + eps): w * dw / n
         inv_n = 1.0 / (x.numel() // x.shape[1])
         gz = dw * inv_n if weight is None else torch.addcmul(
-            consts.zeros, dw, weight.to(dw.dtype), value=inv_n)
+            consts.zeros, dw, _cast(weight, dw.dtype), value=inv_n)
         buffer_gz[step.slot] = gz
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = (g - z * mgz) / sqrt(s2 + eps) = (q * w) * dy - mgz / (s2 + eps) * x
             mgz = gz if step.use_batch else _ring_mean(buffer_gz, consts)
             dx = _affine(x, mgz.mul_(step.neg_inv_var), None, consts)
-            dx.addcmul_(dy, ctx.scale.to(dx.dtype).view((-1, ) + (1, ) * (x.dim() - 2)))
+            dx.addcmul_(dy, _cast(ctx.scale, dx.dtype).view((-1, ) + (1, ) * (x.dim() - 2)))
         if weight is not None:
-            dw = dw.to(weight.dtype)
-            db = None if db is None else db.to(weight.dtype)
+            dw = _cast(dw, weight.dtype)
+            db = None if db is None else _cast(db, weight.dtype)
         return dx, dw, db, None, None
 
 
@@ -176,8 +181,10 @@ class MABN(_BatchNorm):
         self.register_buffer('buffer_gz', torch.zeros(buffer_size, num_features, **factory))
         # constants of the last training step, reused when activation checkpointing
         # re-runs this forward inside the backward pass
-        self._last_step = None
-        self._counter_seen = None  # (buffer, its version, its value): see _tick
+        # host-side state, mutated in place (cheaper than Module.__setattr__):
+        # 'step': the last training step's _Step, reused when activation checkpointing
+        # re-runs the forward inside the backward pass; 'counter': see _tick
+        self._host = dict(step=None, counter=None)
         self._const_cache = {}
 
     def extra_repr(self) -> str:
@@ -191,7 +198,7 @@ class MABN(_BatchNorm):
         if hasattr(self, 'buffer_x2'):  # _BatchNorm.__init__ calls this before they exist
             self.buffer_x2.zero_()
             self.buffer_gz.zero_()
-            self._last_step = None
+            self._host['step'] = None
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -227,20 +234,21 @@ class MABN(_BatchNorm):
         """This training step's constants; the statistics advance unless activation
         checkpointing re-runs the forward (inside the backward): then the step being
         recomputed is returned again and no state changes."""
-        if self._last_step is None or not _inside_backward():
-            self._last_step = self._advance(x, consts)
-        return self._last_step
+        host = self._host
+        if host['step'] is None or not _inside_backward():
+            host['step'] = self._advance(x, consts)
+        return host['step']
 
     def _tick(self) -> int:
         """Advance ``num_batches_tracked`` and return it as a Python int, without a
         host-device sync: a host copy is kept and re-read (one sync) only when other
         code has written or replaced the buffer (load_state_dict, ``.to()``, ...)."""
         t = self.num_batches_tracked
-        seen = self._counter_seen
+        seen = self._host['counter']  # (the buffer, its version, its value)
         if seen is None or seen[0] is not t or seen[1] != t._version:
             seen = (t, t._version, int(t))
         t.add_(1)
-        self._counter_seen = (t, t._version, seen[2] + 1)
+        self._host['counter'] = (t, t._version, seen[2] + 1)
         return seen[2] + 1
 
     def _advance(self, x: torch.Tensor, consts: _Consts) -> _Step:
@@ -257,11 +265,11 @@ class MABN(_BatchNorm):
         if t > max(self.renorm_iters, self.warmup_iters):
             # r = clip(sqrt(s2 + eps) / sqrt(running_var + eps)), running_var before
             # this step's update; q = r / sqrt(s2 + eps)
-            r = var.div_(self.running_var.to(var.dtype) + consts.eps).sqrt_()
+            r = var.div_(_cast(self.running_var, var.dtype) + consts.eps).sqrt_()
             q = r.clamp_(1 / self.r_max, self.r_max).mul_(inv_std)
         else:
             q = inv_std
-        self.running_var.lerp_(s2.to(self.running_var.dtype), self.momentum)
+        self.running_var.lerp_(_cast(s2, self.running_var.dtype), self.momentum)
         return _Step(q, inv_std.square().neg_(), slot, use_batch)
 
     def eval_scale_shift(self):
@@ -311,7 +319,7 @@ class MABN(_BatchNorm):
                               missing_keys, unexpected_keys, error_msgs):
         if prefix + 'running_mean' in state_dict and prefix + 'buffer_x2' not in state_dict:
             self._absorb_batchnorm_state(state_dict, prefix)
-        self._last_step = None
+        self._host['step'] = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
