@@ -4,7 +4,8 @@ Normalises by the second moment E[x^2] (no mean-centring; pair it with ``ConvWC`
 replaces batch statistics in the forward *and* backward pass by simple moving averages
 over the last ``buffer_size`` iterations, and renormalises towards ``running_var`` like
 Batch Renormalisation. In eval mode it is BN's per-channel affine map with a zero mean.
-Algorithm: ``shared/spec/mabn.md``; user guide: ``docs/mabn.md``.
+User guide: ``docs/mabn.md``; the algorithm line by line: ``SpecMABN`` in
+``tests/test_mabn.py``.
 """
 import warnings
 from typing import NamedTuple
@@ -179,8 +180,6 @@ class MABN(_BatchNorm):
         factory = dict(device=self.running_var.device, dtype=self.running_var.dtype)
         self.register_buffer('buffer_x2', torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer('buffer_gz', torch.zeros(buffer_size, num_features, **factory))
-        # constants of the last training step, reused when activation checkpointing
-        # re-runs this forward inside the backward pass
         # host-side state, mutated in place (cheaper than Module.__setattr__):
         # 'step': the last training step's _Step, reused when activation checkpointing
         # re-runs the forward inside the backward pass; 'counter': see _tick
@@ -219,7 +218,7 @@ class MABN(_BatchNorm):
         return _MABNFunction.apply(x, self.weight, self.bias, self, self._consts(x))
 
     def _consts(self, x: torch.Tensor) -> _Consts:
-        key = (x.dtype, x.device)
+        key = (x.dtype, x.device, self.eps)
         consts = self._const_cache.get(key)
         if consts is None:
             with torch.inference_mode(False):
@@ -334,10 +333,8 @@ class MABN(_BatchNorm):
                       'bias); counter and ring buffers restart. ConvWC layers change '
                       'outputs approximately: measure with mmdet_bnplug.mabn_from_bn.')
         mean = state_dict[prefix + 'running_mean']
-        ones = torch.ones_like(mean)
         weight, bias, second_moment = _map_bn_statistics(
-            state_dict.get(prefix + 'weight', ones),
-            state_dict.get(prefix + 'bias', torch.zeros_like(mean)), mean,
+            state_dict.get(prefix + 'weight'), state_dict.get(prefix + 'bias'), mean,
             state_dict[prefix + 'running_var'], self.eps, self.eps)
         state_dict.update({
             prefix + 'weight': weight, prefix + 'bias': bias,
