@@ -131,6 +131,18 @@ def test_fp16_second_moment_does_not_overflow():
     torch.testing.assert_close(y.float(), torch.ones_like(y, dtype=torch.float32))
 
 
+def test_half_module_without_autocast():
+    layer = MABN(3, **QUICK).half()
+    for _ in range(7):
+        x = torch.randn(2, 3, 4, 4, dtype=torch.float16, requires_grad=True)
+        y = layer(x)
+        y.float().square().sum().backward()
+        assert y.dtype == x.grad.dtype == layer.weight.grad.dtype == torch.float16
+    assert layer.buffer_gz.dtype == torch.float16 and torch.isfinite(layer.buffer_gz).all()
+    layer.eval()
+    assert layer(x).dtype == torch.float16
+
+
 def test_eval_never_touches_state():
     layer = MABN(3, **QUICK)
     for _ in range(6):
