@@ -31,8 +31,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__)"
 	touch $(STAMP)
 
-data: $(STAMP)
-	test -f $(SYNTHETIC_DIR)/annotations/val.json || $(PY) tools/make_synthetic.py $(SYNTHETIC_DIR)
+# regenerated when the generator changes
+$(SYNTHETIC_DIR)/annotations/val.json: mmdet_bnplug/synthetic.py tools/make_synthetic.py | $(STAMP)
+	$(PY) tools/make_synthetic.py $(SYNTHETIC_DIR)
+
+data: $(SYNTHETIC_DIR)/annotations/val.json
 
 demo: data
 	$(PY) tools/train.py $(DEMO_CONFIG) --work-dir $(DEMO_WORK_DIR)

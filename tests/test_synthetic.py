@@ -40,7 +40,7 @@ def test_annotations_are_valid_coco(tmp_path):
 
 def test_shapes_fill_their_boxes_and_nothing_else():
     spec = SyntheticSpec()
-    for seed in range(5):
+    for seed in range(40):
         img, objects = make_image(np.random.default_rng(seed), spec)
         background = _background(np.random.default_rng(seed), spec.image_size)
         changed = (img != background).any(-1)

@@ -6,7 +6,7 @@ _base_ = 'mmdet::_base_/default_runtime.py'
 custom_imports = dict(imports=['mmdet_bnplug'], allow_failed_imports=False)
 
 data_root = 'data/synthetic/'
-classes = ('circle', 'square', 'triangle')
+classes = ('circle', 'square', 'triangle', 'ring', 'cross')
 image_size = 128
 norm_cfg = dict(type='BN', requires_grad=True)
 
