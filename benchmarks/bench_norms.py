@@ -17,6 +17,8 @@ CPU tensor allocation and free in time order; the peak of their running sum duri
 forward+backward is the extra memory the step needs on top of its inputs (the layer,
 ``x``, ``dy``), counting the output, saved tensors, temporaries and ``x.grad``. This is
 exact, works on CPU, and is independent of the malloc's caching and of other processes.
+(The profiler may warn once about a block "allocated before the profiling started": a
+layer freeing its previous step's per-channel tensors, too small to matter.)
 """
 import argparse
 import statistics
