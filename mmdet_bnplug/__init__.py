@@ -5,6 +5,9 @@ registries (so ``custom_imports = dict(imports=['mmdet_bnplug'])`` is all a conf
 needs) and applies the stack's compatibility fixes (``mmdet_bnplug.compat``).
 """
 from . import compat  # noqa: F401  (first: the fixes apply on import)
-from . import conv_wc, norms  # noqa: F401
+from . import norms  # noqa: F401  (registers the norm layers)
+from . import conv_wc  # noqa: F401  (registers ConvWC)
+from . import norm_eval  # noqa: F401  (registers NormEval)
+from . import hooks  # noqa: F401  (registers NormEvalCheckHook)
 
 __version__ = '0.1.0'

@@ -1,0 +1,213 @@
+"""Convert BN-like layers between registered types, and fold them into convs.
+
+``convert_norm`` swaps layers in place (BN <-> EvalBN <-> PortableSyncBN <-> MABN <->
+mmdet FrozenBN, ...), carrying statistics and affine over. ``fuse_norm`` folds every norm
+that follows a plain convolution into it, for inference.
+"""
+import fnmatch
+import inspect
+import logging
+
+import torch
+from mmcv.cnn import ConvModule
+from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
+from mmcv.cnn.bricks.wrappers import Conv3d as MMCVConv3d
+from mmengine.logging import print_log
+from mmengine.registry import MODELS
+from torch import nn
+
+from .bn_like import bn_like_layers, bn_like_types, eval_affine, is_bn_like
+from .norm_eval import resolve_registered
+
+
+def norm_targets():
+    """Names of every registered BN-like class (other scopes as ``scope.Name``)."""
+    found, pending = [], [MODELS]
+    while pending:
+        registry = pending.pop()
+        prefix = '' if registry is MODELS else f'{registry.scope}.'
+        found += [prefix + name for name, obj in registry.module_dict.items()
+                  if inspect.isclass(obj) and issubclass(obj, bn_like_types())]
+        pending += list(registry.children.values())
+    return sorted(found)
+
+
+def _resolve_target(to):
+    """``(class, kwargs, requires_grad)`` from a name, a class or a norm_cfg dict."""
+    kwargs = dict(to) if isinstance(to, dict) else {'type': to}
+    type_ = kwargs.pop('type', None)
+    requires_grad = kwargs.pop('requires_grad', None)
+    cls = resolve_registered(type_)[0] if isinstance(type_, (str, type)) else None
+    if not (inspect.isclass(cls) and issubclass(cls, bn_like_types())):
+        raise ValueError(f'convert_norm: unknown target type {type_!r}; accepted: '
+                         f'{", ".join(norm_targets())} (a registered name, class, or a '
+                         'norm_cfg dict such as dict(type="EvalBN", requires_grad=False))')
+    return cls, kwargs, requires_grad
+
+
+def _select(model, include, exclude):
+    """Names of the BN-like layers matching ``include`` and not ``exclude`` (globs)."""
+    names = [name for name, _ in bn_like_layers(model)]
+    if not names:
+        raise ValueError('convert_norm: the model has no BN-like layers')
+    selected = set(names)
+    for key, patterns in (('include', include), ('exclude', exclude)):
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f'convert_norm: {key} pattern {pattern!r} matches no '
+                                 f'BN-like layer; layers are e.g. {names[:3]}')
+        if patterns:
+            hits = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+            selected = selected & hits if key == 'include' else selected - hits
+    if not selected:
+        raise ValueError('convert_norm: include/exclude leave no layer to convert')
+    return [n for n in names if n in selected]
+
+
+def _copy_state(dst, state):
+    """Copy the tensors of ``state`` into ``dst``'s same-named parameters/buffers."""
+    with torch.no_grad():
+        for key, tensor in dst.state_dict(keep_vars=True).items():
+            if key in state:
+                tensor.copy_(state[key])
+
+
+def _convert_layer(src, cls, kwargs, requires_grad):
+    if getattr(src, 'running_mean', None) is None and not hasattr(src, 'batchnorm_state'):
+        raise ValueError(f'convert_norm: {type(src).__name__} has no running statistics '
+                         '(track_running_stats=False) to carry over')
+    state = src.batchnorm_state() if hasattr(src, 'batchnorm_state') else src.state_dict()
+    weight = getattr(src, 'weight', None)
+    ref = src.running_var if src.running_var is not None else weight
+    init = dict(eps=src.eps, affine=weight is not None)
+    if hasattr(cls, 'from_batchnorm'):  # e.g. MABN: eval-exact from a plain BN
+        bn = nn.BatchNorm2d(src.num_features, **init, device=ref.device, dtype=ref.dtype)
+        _copy_state(bn, state)
+        dst = cls.from_batchnorm(bn, **kwargs)
+    else:
+        dst = cls(src.num_features, **{**init, **kwargs})
+        _copy_state(dst, state)
+    dst.to(device=ref.device, dtype=ref.dtype)
+    for name, param in dst.named_parameters(recurse=False):
+        old = getattr(src, name, None)
+        param.requires_grad_(requires_grad if requires_grad is not None else
+                             isinstance(old, nn.Parameter) and old.requires_grad)
+    return dst.train(src.training)
+
+
+def _map_change(src, dst):
+    """Max relative change of the eval-mode map ``scale * x + shift`` (0 when exact)."""
+    with torch.no_grad():
+        (s0, t0), (s1, t1) = eval_affine(src), eval_affine(dst)
+        scale = max(s0.abs().max().item(), 1e-12)
+        return max((s1.double() - s0.double()).abs().max().item() / scale,
+                   (t1.double() - t0.double()).abs().max().item() /
+                   max(t0.abs().max().item(), scale))
+
+
+def _replace(model, old_to_new):
+    """Put the new layers wherever the old ones are (shared modules included)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):  # named_children() dedups
+            if id(child) in old_to_new:
+                setattr(parent, name, old_to_new[id(child)])
+    return old_to_new.get(id(model), model)
+
+
+def convert_norm(model: nn.Module, to, include=None, exclude=None) -> nn.Module:
+    """Replace BN-like layers of ``model`` by layers of type ``to``, in place.
+
+    Args:
+        model: the model (a BN-like root is replaced too: use the return value).
+        to: a registered name (``'EvalBN'``, ``'BN'``, ``'MABN'``, ``'PortableSyncBN'``,
+            ``'mmdet.FrozenBN'``, ...), a class, or a norm_cfg dict with constructor
+            kwargs and optionally ``requires_grad``.
+        include, exclude: glob pattern(s) on module names (``'backbone.layer1.*'``);
+            every pattern must match at least one BN-like layer.
+
+    Statistics, weight and bias are carried over, as are ``eps``, ``affine``, the
+    training flag, device, dtype and each parameter's ``requires_grad`` (unless
+    ``to`` sets ``requires_grad``); other hyper-parameters (``momentum``, ...) take the
+    target's defaults or the kwargs in ``to``. Targets with ``from_batchnorm`` (MABN)
+    are built through it; sources with ``batchnorm_state`` give their BN-equivalent
+    state. The largest change of any layer's eval-mode map is logged.
+    """
+    cls, kwargs, requires_grad = _resolve_target(to)
+    old_to_new, changes = {}, []
+    for name in _select(model, include, exclude):
+        src = model.get_submodule(name)
+        old_to_new[id(src)] = dst = _convert_layer(src, cls, kwargs, requires_grad)
+        changes.append((_map_change(src, dst), name or '<root>'))
+    worst, where = max(changes)
+    change = (f'largest relative change of an eval-mode map: {worst:.1e} ({where})'
+              if worst > 0 else 'eval-mode maps unchanged')
+    print_log(f'convert_norm: {len(changes)} layers -> {cls.__name__}; {change}',
+              logger='current')
+    return _replace(model, old_to_new)
+
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, MMCVConv2d, MMCVConv3d)
+
+
+def _kernel(conv):
+    """The kernel a conv applies if it is a plain convolution of it, else None."""
+    if isinstance(conv, nn.modules.conv._ConvNd) and hasattr(conv, 'centred_weight'):
+        kernel = conv.centred_weight  # ConvWC
+        return kernel() if callable(kernel) else kernel
+    return conv.weight if type(conv) in _PLAIN_CONVS else None
+
+
+def _applied_elsewhere(parent):
+    """A ConvModule whose order does not apply its norm right after its conv."""
+    return isinstance(parent, ConvModule) and \
+        parent.order.index('norm') != parent.order.index('conv') + 1
+
+
+def _folded_conv(conv, kernel, scale, shift):
+    """A plain ``nn.ConvNd`` computing ``scale * conv(x) + shift`` (per output channel)."""
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[kernel.dim() - 3]
+    fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                conv.padding, conv.dilation, conv.groups, True, conv.padding_mode,
+                device=kernel.device, dtype=kernel.dtype)
+    scale, shift = scale.double(), shift.double()
+    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    with torch.no_grad():
+        fused.weight.copy_(kernel.double() * scale.view(-1, *[1] * (kernel.dim() - 1)))
+        fused.bias.copy_(bias)
+    return fused.train(conv.training)
+
+
+def fuse_norm(model: nn.Module) -> nn.Module:
+    """Fold every foldable norm into the conv registered just before it, in place.
+
+    A norm is foldable when its eval-mode map is a fixed per-channel affine
+    (BN family, EvalBN, SyncBN, PortableSyncBN, mmdet FrozenBN; MABN and any layer with
+    ``eval_scale_shift``). The conv must be a plain ``nn.Conv1d/2d/3d`` (mmcv's wrappers
+    included) or expose ``centred_weight`` (ConvWC); it becomes a plain ``nn.ConvNd``
+    with bias and the norm an ``nn.Identity``. Relies on registration order (conv, then
+    its norm), as in mmcv ``ConvModule`` (orders other than conv-norm-... are left
+    alone), mmdet ResNet blocks and ``nn.Sequential``. For inference: the result computes the eval-mode
+    output. Norms left unfused are logged.
+    """
+    for parent in list(model.modules()):
+        children = [(n, m) for n, m in parent._modules.items() if m is not None]
+        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+            if not (is_bn_like(norm) or hasattr(norm, 'eval_scale_shift')):
+                continue
+            kernel = _kernel(conv)
+            if kernel is None or _applied_elsewhere(parent) or \
+                    getattr(norm, 'running_var', 0) is None or \
+                    kernel.shape[0] != norm.num_features:
+                continue
+            with torch.no_grad():
+                scale, shift = eval_affine(norm)
+            setattr(parent, conv_name, _folded_conv(conv, kernel, scale, shift))
+            setattr(parent, norm_name, nn.Identity())
+    left = [n for n, m in model.named_modules()
+            if is_bn_like(m) or hasattr(m, 'eval_scale_shift')]
+    if left:
+        print_log(f'fuse_norm: {len(left)} norm layers not fused (no plain conv '
+                  f'registered just before them): {", ".join(left)}', logger='current',
+                  level=logging.WARNING)
+    return model

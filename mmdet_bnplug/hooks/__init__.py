@@ -1,0 +1,2 @@
+"""mmengine hooks, registered in mmengine's root HOOKS."""
+from .norm_eval_check import NormEvalCheckHook  # noqa: F401

@@ -1,0 +1,71 @@
+"""Shared test helpers: random BN states and stand-ins for the MABN/ConvWC protocols."""
+import torch
+import torch.nn.functional as F
+from mmengine.registry import MODELS
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmdet_bnplug.bn_like import bn_like_layers
+
+
+def randomise_norms(model, seed=0):
+    """Non-trivial statistics and affine for every BN-like layer below ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in bn_like_layers(model):
+            c = layer.num_features
+            mean = torch.randn(c, generator=g) * 0.2
+            if not hasattr(layer, 'eval_scale_shift'):  # MABN keeps running_mean at 0
+                layer.running_mean.copy_(mean)
+            layer.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            if getattr(layer, 'weight', None) is not None:
+                layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            if getattr(layer, 'bias', None) is not None:
+                layer.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+
+def max_rel_err(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@MODELS.register_module(force=True)
+class StandInMABN(_BatchNorm):
+    """Follows MABN's protocol only: eval map ``w * x / sqrt(running_var + eps) + b``."""
+
+    def eval_scale_shift(self):
+        scale = self.weight.float() * torch.rsqrt(self.running_var.float() + self.eps)
+        return scale, self.bias.float()
+
+    def forward(self, x):
+        scale, shift = self.eval_scale_shift()
+        shape = (1, -1) + (1, ) * (x.dim() - 2)
+        return x * scale.view(shape) + shift.view(shape)
+
+    @classmethod
+    def from_batchnorm(cls, bn, **kwargs):
+        layer = cls(bn.num_features, eps=bn.eps, **kwargs)
+        with torch.no_grad():
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            layer.weight.copy_(bn.weight)
+            layer.bias.copy_(bn.bias - bn.running_mean * scale)
+            layer.running_var.copy_(bn.running_var)
+            layer.num_batches_tracked.copy_(bn.num_batches_tracked)
+        return layer
+
+    def batchnorm_state(self):
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        state['running_mean'] = torch.zeros_like(state['running_var'])
+        return state
+
+
+class StandInConvWC(nn.Conv2d):
+    """Follows ConvWC's protocol only: convolves with the kernel centred per filter."""
+
+    @property
+    def centred_weight(self):
+        return self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+
+    def forward(self, x):
+        return F.conv2d(x, self.centred_weight, self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)

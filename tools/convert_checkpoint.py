@@ -1,0 +1,61 @@
+"""Convert the norm layers of a checkpoint to another type (BN, EvalBN, MABN, ...).
+
+    python tools/convert_checkpoint.py CKPT OUT --to EvalBN [--config CONFIG]
+        [--to-options k=v ...] [--include GLOB ...] [--exclude GLOB ...] [--cfg-options ...]
+
+Builds the model of CONFIG (default: the config stored in CKPT), loads CKPT strictly,
+converts the selected BN-like layers with ``mmdet_bnplug.convert.convert_norm`` and saves
+the weights to OUT (``state_dict`` + ``meta``; no optimizer state). Use OUT as
+``load_from`` with a config whose ``norm_cfg`` has the new type.
+"""
+import argparse
+import os
+import os.path as osp
+
+import torch
+from mmengine.config import DictAction
+from mmengine.runner.checkpoint import weights_to_cpu
+
+import mmdet_bnplug  # noqa: F401  (registers the plugin)
+from mmdet_bnplug.convert import convert_norm
+from mmdet_bnplug.norm_report import format_norm_table, load_model, norm_table
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Convert the norm layers of a checkpoint')
+    parser.add_argument('checkpoint', help='input checkpoint')
+    parser.add_argument('out', help='output checkpoint (.pth)')
+    parser.add_argument('--to', required=True,
+                        help='target norm type, a registered name: EvalBN, BN, MABN, '
+                        'PortableSyncBN, mmdet.FrozenBN, ...')
+    parser.add_argument('--to-options', nargs='+', action=DictAction, default={},
+                        help='constructor kwargs of the target, e.g. requires_grad=False')
+    parser.add_argument('--config', help='config of the checkpoint (default: the one '
+                        "stored in it, meta['cfg'])")
+    parser.add_argument('--include', nargs='+', help='glob(s) of layer names to convert')
+    parser.add_argument('--exclude', nargs='+', help='glob(s) of layer names to keep')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, key=value pairs')
+    args = parser.parse_args(argv)
+    if osp.abspath(args.out) == osp.abspath(args.checkpoint):
+        parser.error('OUT must differ from the input checkpoint')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, _, ckpt = load_model(args.config, args.checkpoint, args.cfg_options,
+                                strict=True)
+    to = dict(args.to_options, type=args.to)
+    model = convert_norm(model, to, include=args.include, exclude=args.exclude)
+    meta = {k: v for k, v in ckpt.get('meta', {}).items() if k != 'cfg'}
+    meta['norm_conversion'] = dict(source=osp.basename(args.checkpoint), to=to,
+                                   include=args.include, exclude=args.exclude)
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    torch.save(dict(meta=meta, state_dict=weights_to_cpu(model.state_dict())), args.out)
+    print(format_norm_table(norm_table(model)))
+    print(f'saved {args.out}')
+
+
+if __name__ == '__main__':
+    main()
