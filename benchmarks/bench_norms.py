@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of norm layers, as ratios to nn.BatchNorm2d.
 
     PYTHONPATH=. python benchmarks/bench_norms.py [--repeats 7] [--threads 2]
-        [--only NAME ...] [--max-numel N]
+        [--only NAME ...] [--max-numel N] [--sync-procs 2]
 
 Shapes: the BN inputs of a RetinaNet R50 backbone (pytorch style, stride in the 3x3
 conv) and the FPN P3-P7 outputs, at batch 2 for an 800x1333 image padded to 800x1344.
@@ -19,16 +19,29 @@ forward+backward is the extra memory the step needs on top of its inputs (the la
 exact, works on CPU, and is independent of the malloc's caching and of other processes.
 (The profiler may warn once about a block "allocated before the profiling started": a
 layer freeing its previous step's per-channel tensors, too small to matter.)
+
+PortableSyncBN needs a process group, so it has its own table: ``--sync-procs`` (default
+2) gloo processes on this machine, each with the shape above as its per-rank batch, time
+PortableSyncBN against nn.BatchNorm2d on the same per-rank shape in the same processes
+(interleaved as above, the same number of calls on every rank), with
+``--threads / --sync-procs`` threads each, and compare peak memory as above. It also
+counts the collectives of one call from the profiler's backend events (``gloo:*``),
+forward and backward apart.
 """
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from mmdet_bnplug.norms.mabn import MABN
+from mmdet_bnplug.norms.portable_sync_bn import PortableSyncBN
 
 # (label, shape): every distinct BN input shape of RetinaNet R50 + FPN at batch 2
 SHAPES = [
@@ -152,14 +165,19 @@ def peak_bytes(layer, x, dy) -> int:
     return peak
 
 
-def median_times(layers, x, dy, repeats: int, target_s: float = 0.05) -> dict:
-    """Median seconds per forward+backward for each layer, measured interleaved."""
+def median_times(layers, x, dy, repeats: int, target_s: float = 0.05, agree=None) -> dict:
+    """Median seconds per forward+backward for each layer, measured interleaved.
+
+    ``agree``: maps the calls per sample chosen here to the ones to use (processes that
+    synchronise must make the same calls)."""
     calls = {}
     for name, layer in layers.items():
         _step(layer, x, dy)
         start = time.perf_counter()
         _step(layer, x, dy)
         calls[name] = max(1, round(target_s / (time.perf_counter() - start)))
+    if agree is not None:
+        calls = agree(calls)
     samples = {name: [] for name in layers}
     names = list(layers)
     for rnd in range(repeats):
@@ -172,6 +190,64 @@ def median_times(layers, x, dy, repeats: int, target_s: float = 0.05) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def _most_calls_over_ranks(calls):
+    counts = torch.tensor(list(calls.values()))
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    return dict(zip(calls, counts.tolist()))
+
+
+def collectives_per_call(layer, x, dy):
+    """(forward, backward) number of backend collectives (profiler events gloo:*, nccl:*)."""
+    def count(prof):
+        return sum(e.name.startswith(('gloo:', 'nccl:')) for e in prof.events())
+
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CPU]) as forward:
+        y = layer(x)
+    with profile(activities=[ProfilerActivity.CPU]) as backward:
+        y.backward(dy)
+    return count(forward), count(backward)
+
+
+def _sync_worker(rank, world_size, init_file, shapes, repeats, threads, out_file):
+    torch.set_num_threads(threads)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                            world_size=world_size)
+    rows = []
+    for label, shape in shapes:
+        torch.manual_seed(rank)
+        x, dy = torch.randn(shape).requires_grad_(), torch.randn(shape)
+        layers = {'BatchNorm2d': nn.BatchNorm2d(shape[1]),
+                  'PortableSyncBN': PortableSyncBN(shape[1])}
+        times = median_times(layers, x, dy, repeats, agree=_most_calls_over_ranks)
+        peaks = {n: peak_bytes(layer, x, dy) for n, layer in layers.items()}
+        rows.append((label, shape, times['BatchNorm2d'], times['PortableSyncBN'],
+                     peaks['PortableSyncBN'] / peaks['BatchNorm2d'],
+                     *collectives_per_call(layers['PortableSyncBN'], x, dy)))
+    if rank == 0:
+        torch.save(rows, out_file)
+    dist.destroy_process_group()
+
+
+def sync_table(shapes, procs, repeats, threads):
+    """PortableSyncBN on ``procs`` gloo processes against local BN, per-rank shapes."""
+    threads = max(1, threads // procs)
+    print(f'\nPortableSyncBN on {procs} gloo processes ({threads} threads each), per-rank '
+          'shape; time ratio to nn.BatchNorm2d on that shape in the same processes')
+    print(f'{"shape":<22}{"N,C,H,W":<20}{"BatchNorm2d ms":>16}{"PortableSyncBN time":>21}'
+          f'{"mem":>8}{"collectives fwd+bwd":>21}')
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, 'rows.pt')
+        mp.spawn(_sync_worker, nprocs=procs, args=(procs, os.path.join(tmp, 'rendezvous'),
+                                                   shapes, repeats, threads, out_file))
+        rows = torch.load(out_file)
+    for label, shape, t_bn, t_sync, mem, fwd, bwd in rows:
+        print(f'{label:<22}{",".join(map(str, shape)):<20}{t_bn * 1e3:>16.2f}'
+              f'{t_sync / t_bn:>21.3f}{mem:>8.3f}{f"{fwd}+{bwd}":>21}')
+    print(f'worst ratio over shapes: PortableSyncBN time '
+          f'{max(r[3] / r[2] for r in rows):.3f}, memory {max(r[4] for r in rows):.3f}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeats', type=int, default=7)
@@ -181,6 +257,8 @@ def main():
     parser.add_argument('--max-numel', type=int, default=None,
                         help='skip shapes with more elements (quick runs)')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--sync-procs', type=int, default=2,
+                        help='gloo processes for the PortableSyncBN table (0: skip it)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     baseline = next(iter(CANDIDATES))
@@ -191,9 +269,9 @@ def main():
     header = f'{"shape":<22}{"N,C,H,W":<20}{baseline + " ms":>16}{"MB":>8}'
     print(header + ''.join(f'{n + " time":>18}{"mem":>8}' for n in names[1:]))
     worst = {n: [0.0, 0.0] for n in names[1:]}
-    for label, shape in SHAPES:
-        if args.max_numel and torch.Size(shape).numel() > args.max_numel:
-            continue
+    shapes = [(label, shape) for label, shape in SHAPES
+              if not args.max_numel or torch.Size(shape).numel() <= args.max_numel]
+    for label, shape in shapes:
         torch.manual_seed(0)
         x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
         dy = torch.randn(shape).contiguous(memory_format=fmt)
@@ -209,6 +287,8 @@ def main():
         print(row, flush=True)
     print('worst ratio over shapes: ' + '; '.join(
         f'{n}: time {t:.3f}, memory {m:.3f}' for n, (t, m) in worst.items()))
+    if args.sync_procs > 1 and (args.only is None or 'PortableSyncBN' in args.only):
+        sync_table(shapes, args.sync_procs, args.repeats, args.threads)
 
 
 if __name__ == '__main__':

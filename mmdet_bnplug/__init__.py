@@ -9,5 +9,6 @@ from . import norms  # noqa: F401  (registers the norm layers)
 from . import conv_wc  # noqa: F401  (registers ConvWC)
 from . import norm_eval  # noqa: F401  (registers NormEval)
 from . import hooks  # noqa: F401  (registers NormEvalCheckHook)
+from . import sync_bn_conversion  # noqa: F401  (sync_bn keeps the plugin's layers)
 
 __version__ = '0.1.0'

@@ -2,7 +2,6 @@
 import pytest
 import torch
 from mmcv.cnn import build_norm_layer
-from mmengine.model import convert_sync_batchnorm
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
@@ -204,16 +203,14 @@ def test_registry_resolution(scope):
         assert isinstance(MODELS.build(dict(type='EvalBN', num_features=3)), EvalBN)
 
 
-def test_mmengine_sync_bn_conversion_keeps_it_frozen_under_norm_eval():
-    """The trap: cfg.sync_bn replaces every _BatchNorm by torch SyncBatchNorm.
-
-    EvalBN survives it in effect: its momentum is 0, so the converted layers keep their
-    statistics, and under norm_eval (mmdet's ResNet default, or NormEval) they normalise
-    with them, exactly as before. Without norm_eval a converted layer would normalise with
-    batch statistics in training mode (docs/frozen_bn.md: keep norm_eval on with sync_bn).
+def test_mmengine_sync_bn_conversion_keeps_it():
+    """The trap: cfg.sync_bn makes mmengine's Runner replace every _BatchNorm by torch
+    SyncBatchNorm. The plugin's layers survive it (mmdet_bnplug.sync_bn_conversion):
+    EvalBN stays EvalBN, frozen even in training mode without norm_eval.
     """
     from mmdet.models.backbones import ResNet
-    model = ResNet(18, norm_cfg=dict(type='EvalBN'), norm_eval=True, out_indices=(3, ))
+    from mmengine.runner.runner import convert_sync_batchnorm  # what the Runner calls
+    model = ResNet(18, norm_cfg=dict(type='EvalBN'), norm_eval=False, out_indices=(3, ))
     for m in model.modules():
         if isinstance(m, EvalBN):
             random_state(m)
@@ -221,12 +218,10 @@ def test_mmengine_sync_bn_conversion_keeps_it_frozen_under_norm_eval():
     model.train()  # mmdet's ResNet.train returns None
     expected = model(x)[0]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    converted = convert_sync_batchnorm(model)
-    norms = [m for m in converted.modules() if isinstance(m, nn.SyncBatchNorm)]
-    assert norms and all(m.momentum == 0.0 for m in norms)
+    converted = convert_sync_batchnorm(model, 'torch')
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    assert sum(isinstance(m, EvalBN) for m in converted.modules()) == 20
     converted.train()
-    out = converted(x)[0]
-    torch.testing.assert_close(out, expected)
-    assert all(not m.training for m in norms)
+    torch.testing.assert_close(converted(x)[0], expected)
     for k, v in converted.state_dict().items():
         assert torch.equal(v, before[k]), k

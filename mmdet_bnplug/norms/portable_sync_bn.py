@@ -1,0 +1,230 @@
+"""PortableSyncBN: batch norm over the concatenated batch of a group of ranks, any device.
+
+In training mode, with an initialised process group of more than one rank in the layer's
+group, forward and backward compute exactly what ``nn.BatchNorm*d`` computes on the
+concatenation of the group's batches, whatever each rank's batch size (zero included).
+Each call costs one collective in the forward (gathering per-rank count, mean and sum of
+squared deviations, combined exactly) and one in the backward (all_reduce of the summed
+gradient statistics); both are ordinary ``torch.distributed`` calls, so gloo on CPU and
+nccl on CUDA both work. Otherwise (eval mode, no process group, group of one rank) it is
+plain BN and communicates nothing.
+"""
+import torch
+import torch.distributed as dist
+from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# group_size -> (default process group it was made under, this rank's subgroup)
+_SUBGROUPS = {}
+
+
+def _stat_dtype(x):
+    """Statistics in float64 for float64 input, else in float32 (also under autocast)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_view(v, x):
+    """Per-channel vector ``(C,)`` as ``(1, C, 1, ...)`` to broadcast against ``x``."""
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _reduce_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def _centred(x, mean):
+    """``x - mean`` per channel as a new tensor in the statistics' dtype."""
+    return x.to(mean.dtype) - _channel_view(mean, x)
+
+
+def _collective(op, what, *args, **kwargs):
+    """Run a collective; a failure (peer gone, timeout) becomes an error saying where."""
+    try:
+        op(*args, **kwargs)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f'PortableSyncBN: {what} failed. Every rank of the group must call the '
+            'layer the same number of times in the same order (a rank with an empty '
+            f'batch too). Cause: {err}') from err
+
+
+def _all_gather(output, tensor, group):
+    # ``all_gather_single`` replaces ``all_gather_into_tensor`` in recent torch.
+    op = getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor
+    _collective(op, 'all_gather of batch statistics', output, tensor, group=group)
+
+
+def _process_group(group_size):
+    """The group this rank synchronises with, or None for local BN.
+
+    ``group_size=None`` means the whole world; otherwise consecutive blocks of
+    ``group_size`` ranks. Subgroups are created once per ``group_size`` (by every rank,
+    in the same order, at the first synchronised forward) and cached.
+    """
+    world = dist.get_world_size()
+    size = world if group_size is None else group_size
+    if world % size:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        raise ValueError(f'PortableSyncBN: group_size={group_size} does not divide the '
+                         f'world size {world}; accepted: None or one of {divisors}')
+    if size == 1:
+        return None
+    if size == world:
+        return dist.group.WORLD
+    cached = _SUBGROUPS.get(size)
+    if cached is None or cached[0] is not dist.group.WORLD:
+        subgroup, _ = dist.new_subgroups(group_size=size)
+        cached = _SUBGROUPS[size] = (dist.group.WORLD, subgroup)
+    return cached[1]
+
+
+def global_batch_stats(x, group):
+    """Mean, biased variance ``(C,)`` and element count per channel over the group's batch.
+
+    Each rank contributes (count, mean, sum of squared deviations M2) in one all_gather;
+    they are combined exactly (Chan et al.), which keeps precision when the mean is large
+    against the spread. ``group=None``: this rank alone, no collective. The count is a
+    Python int (0 when every rank's batch is empty, then mean and variance are 0).
+    """
+    sd = _stat_dtype(x)
+    channels = x.shape[1]
+    n = x.numel() // channels
+    if n:  # two passes: mean, then squared deviations from it (torch.var_mean is slow on CPU)
+        mean = x.detach().to(sd).sum(_reduce_dims(x)) / n
+        m2 = _centred(x.detach(), mean).square_().sum(_reduce_dims(x))
+    else:
+        mean = m2 = x.new_zeros(channels, dtype=sd)
+    local = torch.cat([mean.new_full((1, ), n), mean, m2])
+    if group is None:
+        gathered = local[None]
+    else:
+        gathered = local.new_empty(dist.get_world_size(group), local.numel())
+        _all_gather(gathered, local[None], group)
+    counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
+    total = int(counts.sum().item())
+    if total == 0:
+        return torch.zeros_like(means[0]), torch.zeros_like(means[0]), 0
+    mean = (counts * means).sum(0) / total
+    m2 = (m2s + counts * (means - mean)**2).sum(0)
+    return mean, m2 / total, total
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """``y = (x - mean) * invstd * w + b`` with given global statistics; the backward
+    gives BN's input gradient on the group's concatenated batch (one all_reduce) and this
+    rank's own contribution to the weight and bias gradients. Temporaries are updated in
+    place: on CPU each fresh full-size tensor costs more than the arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count, group):
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        y = _centred(x, mean).mul_(_channel_view(scale, x))
+        if bias is not None:
+            y.add_(_channel_view(bias, x))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count, ctx.group = count, group
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dims = _reduce_dims(x)
+        dy = grad_y.to(mean.dtype)
+        xhat = _centred(x, mean).mul_(_channel_view(invstd, x))
+        sum_dy = dy.sum(dims)
+        sum_dy_xhat = (dy * xhat).sum(dims)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_xhat])
+            if ctx.group is not None:
+                _collective(dist.all_reduce, 'all_reduce of gradient statistics', sums,
+                            group=ctx.group)
+            mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            # (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd, in xhat's storage
+            grad_x = (xhat.mul_(_channel_view(-mean_dy_xhat, x)).add_(dy)
+                      .sub_(_channel_view(mean_dy, x)).mul_(_channel_view(scale, x))
+                      .to(x.dtype))
+        if ctx.needs_input_grad[1]:
+            grad_w = sum_dy_xhat.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = sum_dy.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+@MODELS.register_module()
+class PortableSyncBN(_BatchNorm):
+    """Synchronised BN for ``(N, C, *)`` input on any device and backend.
+
+    Args are those of ``nn.BatchNorm2d`` plus ``group_size`` (int or None): synchronise
+    within consecutive blocks of ``group_size`` ranks (None: all ranks). It must divide
+    the world size; 1 gives local BN on every rank.
+
+    Gradients follow torch's ``SyncBatchNorm``: the input gradient is this rank's slice of
+    BN's input gradient on the group's concatenated batch; the weight/bias gradients are
+    this rank's own contribution (summed over the group they equal BN's), so DDP averages
+    them like any other parameter. A zero-size batch on one rank still takes part in the
+    collectives (and its running statistics follow the group's); only when the whole
+    group's batch is empty is the output empty with no state change.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, group_size=None, device=None, dtype=None):
+        if group_size is not None and (isinstance(group_size, bool)
+                                       or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError('PortableSyncBN: group_size must be None (all ranks) or a '
+                             f'positive int dividing the world size, got {group_size!r}')
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.group_size = group_size
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f'{type(self).__name__}: expected input of shape '
+                             f'(N, {self.num_features}, *), got {tuple(x.shape)}')
+
+    def extra_repr(self):
+        return f'{super().extra_repr()}, group_size={self.group_size}'
+
+    def _sync_group(self):
+        """Process group to synchronise with in this call, or None for plain BN."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        return _process_group(self.group_size)
+
+    def _empty_output(self, x):
+        """Empty output that still reaches weight and bias (zero gradients, for DDP)."""
+        if not self.affine:
+            return x.clone()
+        return (x * _channel_view(self.weight, x) + _channel_view(self.bias, x)).to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, var, count):
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked.add_(1)
+        momentum = (1.0 / self.num_batches_tracked.item()
+                    if self.momentum is None else self.momentum)
+        unbiased = var * (count / (count - 1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        group = self._sync_group()
+        if group is None:
+            if x.numel() == 0:
+                return self._empty_output(x)
+            return super().forward(x)
+        mean, var, count = global_batch_stats(x, group)
+        if count == 0:
+            return self._empty_output(x)
+        if count == 1:
+            raise ValueError('PortableSyncBN: expected more than 1 value per channel over '
+                             f'the group in training, got input of shape {tuple(x.shape)} '
+                             'on this rank and 1 value in total')
+        self._update_running_stats(mean, var, count)
+        invstd = torch.rsqrt(var + self.eps)
+        return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, invstd, count, group)
