@@ -1,0 +1,39 @@
+"""Importing the package (directly or through a config's custom_imports) registers its
+names in mmengine's root registries, where every OpenMMLab scope finds them."""
+import subprocess
+import sys
+
+import pytest
+from mmengine.registry import HOOKS, MODELS
+
+import mmdet_bnplug  # noqa: F401
+from conftest import REPO, TOY_BN_CONFIG
+
+PLUGIN_MODELS = ('MABN', 'ConvWC', 'EvalBN', 'PortableSyncBN', 'NormEval')
+PLUGIN_HOOKS = ('NormEvalCheckHook', )
+
+
+@pytest.mark.parametrize('registry, name', [(MODELS, n) for n in PLUGIN_MODELS]
+                         + [(HOOKS, n) for n in PLUGIN_HOOKS])
+def test_registered_in_root_and_resolved_from_every_scope(registry, name):
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    entry = registry.module_dict[name]
+    assert entry.__module__.startswith('mmdet_bnplug.')
+    for scope in (None, 'mmdet', 'mmengine'):
+        with registry.switch_scope_and_registry(scope) as scoped:
+            assert scoped.get(name) is entry  # nothing in mmdet shadows it
+
+
+def test_custom_imports_alone_registers_everything():
+    code = ('from mmengine.config import Config\n'
+            'from mmengine.registry import MODELS, HOOKS\n'
+            f'Config.fromfile({TOY_BN_CONFIG!r})\n'
+            f'missing = [n for n in {PLUGIN_MODELS!r} if MODELS.get(n) is None]\n'
+            f'missing += [n for n in {PLUGIN_HOOKS!r} if HOOKS.get(n) is None]\n'
+            'assert not missing, missing\n'
+            'print("ok")\n')
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
+
