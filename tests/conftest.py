@@ -1,15 +1,25 @@
-"""Shared fixtures: paths of the repository and a tiny synthetic dataset."""
+"""Shared fixtures: paths of the repository, a tiny synthetic dataset, one thread."""
 import os
 import os.path as osp
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmdet_bnplug.synthetic import SyntheticSpec, generate
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY_BN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_bn_toy.py')
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread avoids OpenMP stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')

@@ -9,7 +9,8 @@ from torch import nn
 import mmdet_bnplug  # noqa: F401  (registers the layers)
 from mmdet_bnplug.conv_wc import ConvWC
 from mmdet_bnplug.norms.mabn import MABN
-from test_mabn import one_thread  # noqa: F401  (autouse: tiny tensors, busy machine)
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 
 
 def test_convolves_with_the_centred_kernel():

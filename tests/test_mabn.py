@@ -7,15 +7,7 @@ import torch
 
 from mmdet_bnplug.norms.mabn import MABN
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 
 
 HPARAMS = dict(buffer_size=4, warmup_iters=30, renorm_iters=80, r_max=1.5,

@@ -13,7 +13,8 @@ from torch.utils.checkpoint import checkpoint
 import mmdet_bnplug  # noqa: F401  (registers the layers)
 from mmdet_bnplug.conv_wc import ConvWC
 from mmdet_bnplug.norms.mabn import MABN
-from test_mabn import one_thread  # noqa: F401  (autouse: tiny tensors, busy machine)
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 
 QUICK = dict(buffer_size=2, warmup_iters=3, renorm_iters=5, r_max=1.5)
 

@@ -7,7 +7,8 @@ from mmengine.runner.checkpoint import save_checkpoint
 import mmdet_bnplug  # noqa: F401  (registers the layers)
 from mmdet_bnplug.mabn_from_bn import bn_equivalent, main, output_change
 from mmdet_bnplug.norms.mabn import MABN
-from test_mabn import one_thread  # noqa: F401  (autouse: tiny tensors, busy machine)
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 
 
 def _resnet(conv, norm):
