@@ -1,8 +1,8 @@
 """Helpers for tests that need several gloo processes on one machine.
 
-``run_distributed(fn, world_size)`` spawns ``world_size`` processes, initialises a gloo
-process group in each (file rendezvous, so no port can clash with a concurrent run),
-calls ``fn(rank, world_size, *args)`` and returns the per-rank results.
+``run_distributed(fn, world_size)`` is ``benchmarks.gloo_spawn.run_gloo``: it spawns
+``world_size`` processes, initialises a gloo process group in each, calls
+``fn(rank, world_size, *args)`` and returns the per-rank results.
 ``run_launcher(cmd)`` runs a launcher script (torchrun and its workers). Both are
 bounded in time: on a child's error or on the deadline every child is killed.
 """
@@ -10,14 +10,11 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
-import time
 from contextlib import contextmanager
-from datetime import timedelta
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks.gloo_spawn import run_gloo as run_distributed  # noqa: F401
 
 # public collectives a layer could call; ``count_collectives`` wraps the ones that exist
 COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor', 'all_gather_single',
@@ -31,43 +28,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-def _entry(rank, fn, world_size, init_file, out_dir, pg_timeout, args):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=pg_timeout))
-    try:
-        result = fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
-
-
-def run_distributed(fn, world_size=2, args=(), timeout=120, pg_timeout=30):
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; list of results.
-
-    ``fn`` must be a module-level function (it is pickled by name). ``timeout`` (s)
-    bounds the whole run, ``pg_timeout`` (s) every collective.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(
-            _entry, args=(fn, world_size, os.path.join(tmp, 'rendezvous'), tmp, pg_timeout,
-                          args),
-            nprocs=world_size, join=False, start_method='spawn')
-        deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(timeout=0.5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f'{fn.__name__} on {world_size} ranks did not finish '
-                                       f'within {timeout} s')
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        return [torch.load(os.path.join(tmp, f'rank{r}.pt'), weights_only=False)
-                for r in range(world_size)]
 
 
 def run_launcher(cmd, cwd, timeout, env=None):
