@@ -221,13 +221,13 @@ def plot(path, train, sync, procs, infer):
         ratios.append(sync[0][SYNC_PAIR[1]] / sync[0][SYNC_PAIR[0]])
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     grouped_bars(axes[0], names, {'training iteration': ratios},
-                 f'iteration time / {base}', log=False)
+                 f'iteration time / {base}', log=False, annotate=True)
     axes[0].set_title('Training iteration, ratio to BN (xN: to BN under the same DDP)')
     base_inf = infer[next(iter(infer))]['unfused']
     grouped_bars(axes[1], list(infer),
                  {kind: [r[kind] / base_inf for r in infer.values()]
                   for kind in ('unfused', 'fused')},
-                 f'inference time / unfused {base}', log=False)
+                 f'inference time / unfused {base}', log=False, annotate=True)
     axes[1].legend(fontsize=8)
     axes[1].set_title('Inference with and without fuse_norm')
     save_figure(fig, path)

@@ -126,14 +126,17 @@ def write_text(path: Optional[str], text: str) -> None:
 
 
 def grouped_bars(ax, groups: Sequence[str], series: Dict[str, List[Optional[float]]],
-                 ylabel: str, log: bool = True) -> None:
-    """One bar per (group, series) on ``ax``, a dashed line at 1; None values are skipped."""
+                 ylabel: str, log: bool = True, annotate: bool = False) -> None:
+    """One bar per (group, series) on ``ax``, a dashed line at 1; None values are skipped;
+    ``annotate``: the value above each bar."""
     width = 0.84 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width
               for g, v in enumerate(values) if v is not None]
-        ax.bar(xs, [v for v in values if v is not None], width, label=name,
-               color=f'C{i % 10}', hatch='//' if i >= 10 else None)
+        bars = ax.bar(xs, [v for v in values if v is not None], width, label=name,
+                      color=f'C{i % 10}', hatch='//' if i >= 10 else None)
+        if annotate:
+            ax.bar_label(bars, fmt='%.2f', fontsize=8)
     ax.axhline(1.0, color='black', lw=0.8, ls='--')
     if log:
         ax.set_yscale('log')
