@@ -26,7 +26,9 @@ forward+backward is the extra memory the step needs on top of its inputs (the la
 ``x``, ``dy``), counting the output, saved tensors, temporaries and ``x.grad``. This is
 exact, works on CPU, and is independent of the malloc's caching and of other processes.
 (The profiler may warn once about a block "allocated before the profiling started": a
-layer freeing its previous step's per-channel tensors, too small to matter.)
+layer freeing its previous step's per-channel tensors, too small to matter. Kineto's
+lines on every profiler start and stop are silenced: ``KINETO_LOG_LEVEL`` defaults to 6,
+above its highest level; set it lower to see them.)
 
 PortableSyncBN in this process has no process group: it is plain BN. Its synchronised
 path has its own table: ``--sync-procs`` (default 2) gloo processes on this machine,
@@ -205,6 +207,8 @@ TARGETS = [('MABN fwd+bwd time / BN', 'time', 'MABN', 'BatchNorm2d', 1.25),
            ('EvalBN frozen fwd+bwd time / BN eval frozen', 'time', 'EvalBN frozen',
             'BN eval frozen', 1.0)]
 QUICK = dict(max_numel=150_000, repeats=3, target_s=0.01)
+# kineto (read when the profiler first starts) logs each start and stop on stderr
+os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 
 
 def _step(layer, x, dy):
