@@ -384,7 +384,7 @@ def plot(path, shapes, results, names, sync, procs):
     layers = names[1:] + ([sync_name] if sync else [])
     eval_layers = [n for n in names[1:] if CANDIDATES[n].eval_forward]
     groups = [label for label, _ in shapes]
-    fig, axes = plt.subplots(3, 1, figsize=(15, 13))
+    fig, axes = plt.subplots(3, 1, figsize=(15, 13), gridspec_kw=dict(hspace=0.45))
     for ax, kind, cols, ylabel, log in (
             (axes[0], 'time', layers, 'fwd+bwd time / BN', True),
             (axes[1], 'eval', eval_layers, 'eval forward time / BN eval', True),

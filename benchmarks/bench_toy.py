@@ -25,8 +25,9 @@ and affine set to random values (so that folding has something to fold; layers w
 own eval map, MABN, keep ``running_mean`` at 0), timed on a batch of ``--batch-size``
 images from input tensor to the head's outputs (``mode='tensor'``: no box decoding or
 NMS, which fusing does not touch), unfused and after ``mmdet_bnplug.convert.fuse_norm``,
-interleaved. Reported: ratios, the speed-up, and the largest absolute difference between
-the outputs of the two (with the largest output magnitude for scale).
+interleaved, each sample timing enough forwards for about 0.5 s. Reported: ratios, the
+speed-up, and the largest absolute difference between the outputs of the two (with the
+largest output magnitude for scale).
 """
 import copy
 import itertools
@@ -65,8 +66,9 @@ VARIANTS = {
     'GN': ('bn', {NORM: dict(type='GN', num_groups=32, requires_grad=True)}, False),
 }
 SYNC_PAIR = ('BN', 'PortableSyncBN')
-QUICK = dict(batch_size=2, repeats=1, warmup=0)
+QUICK = dict(batch_size=2, repeats=1, warmup=0, infer_sample_s=0.0)
 WARMUP = 2  # iterations per model before timing (the first ones allocate, AdamW state)
+INFER_SAMPLE_S = 0.5  # an inference sample times enough forwards for this many seconds
 
 
 def quiet_logs():
@@ -158,9 +160,9 @@ def _flat_outputs(model, inputs):
     return torch.cat([t.flatten() for level in outputs for t in level])
 
 
-def inference(models, batch, rounds, warmup):
-    """Per variant: unfused and fused eval-model seconds, max |difference|, max |output|,
-    norm layers left after fusing."""
+def inference(models, batch, rounds, warmup, sample_s):
+    """Per variant: unfused and fused eval-model seconds (samples of about ``sample_s``),
+    max |difference|, max |output|, norm layers left after fusing."""
     nets = {}
     for name, (model, _) in models.items():
         if VARIANTS[name][2]:
@@ -170,7 +172,7 @@ def inference(models, batch, rounds, warmup):
     base = next(iter(nets.values()))
     inputs = base.data_preprocessor(batch, False)['inputs']
     steps = {n: (lambda net=net: _flat_outputs(net, inputs)) for n, net in nets.items()}
-    times = interleaved_medians(steps, rounds, target_s=0.0, warmup=warmup)
+    times = interleaved_medians(steps, rounds, target_s=sample_s, warmup=warmup)
     rows = {}
     for name in (n for n in nets if not n.endswith(' fused')):
         ref = _flat_outputs(nets[name], inputs)
@@ -260,7 +262,8 @@ def main():
     train, losses = train_times(models, make_batches(2, batch_size, seed=1), rounds, warmup)
     print('training iterations: done', flush=True)
     infer = inference(models, make_batches(1, batch_size, seed=2)[0], rounds,
-                      min(warmup, 1))
+                      min(warmup, 1),
+                      QUICK['infer_sample_s'] if args.quick else INFER_SAMPLE_S)
     print('inference: done', flush=True)
     sync = None
     if args.sync_procs > 1:
