@@ -1,16 +1,24 @@
-"""Forward+backward time and peak memory of norm layers, as ratios to nn.BatchNorm2d.
+"""Time and peak memory of norm layers, as ratios to nn.BatchNorm2d in the same run.
 
-    PYTHONPATH=. python benchmarks/bench_norms.py [--repeats 7] [--threads 2]
-        [--only NAME ...] [--max-numel N] [--sync-procs 2]
+    python benchmarks/bench_norms.py [--quick] [--out-md FILE] [--out-png FILE]
+        [--repeats 7] [--threads N] [--only NAME ...] [--max-numel N] [--sync-procs 2]
 
 Shapes: the BN inputs of a RetinaNet R50 backbone (pytorch style, stride in the 3x3
-conv) and the FPN P3-P7 outputs, at batch 2 for an 800x1333 image padded to 800x1344.
+conv) and the FPN P3-P7 outputs, at batch 2 for an 800x1333 image padded to 800x1344
+(``--quick``: the two smallest, fewer rounds; for smoke tests).
 Candidates: a table of name -> layer factory (``CANDIDATES``); add a layer as one entry.
-Every layer is timed in training mode, ``y = layer(x); y.backward(dy)``.
+
+Measured per shape and layer:
+- fwd+bwd: training mode, ``y = layer(x); y.backward(dy)`` with ``x`` requiring grad
+  (layers without trainable parameters, e.g. mmdet's FrozenBN, give the input gradient);
+- eval forward: ``layer.eval()`` under ``torch.no_grad()``;
+- peak memory of one fwd+bwd.
 
 Time: candidates run interleaved (round robin, order rotated each round), each sample
 timing enough calls for ~50 ms; the median over ``--repeats`` rounds is divided by
-BatchNorm2d's median of the same run, so machine load largely cancels out.
+BatchNorm2d's median of the same run (training mode for fwd+bwd, eval mode for the eval
+forward), so machine load largely cancels out. Entries with ``held_to`` are also divided
+by another entry: EvalBN is held to nn.BatchNorm2d kept in eval mode (``BN eval``).
 
 Peak memory: the torch profiler's allocator events (``profile_memory=True``) give every
 CPU tensor allocation and free in time order; the peak of their running sum during one
@@ -18,28 +26,34 @@ forward+backward is the extra memory the step needs on top of its inputs (the la
 ``x``, ``dy``), counting the output, saved tensors, temporaries and ``x.grad``. This is
 exact, works on CPU, and is independent of the malloc's caching and of other processes.
 (The profiler may warn once about a block "allocated before the profiling started": a
-layer freeing its previous step's per-channel tensors, too small to matter.)
+layer freeing its previous step's per-channel tensors, too small to matter. Kineto's
+lines on every profiler start and stop are silenced: ``KINETO_LOG_LEVEL`` defaults to 6,
+above its highest level; set it lower to see them.)
 
-PortableSyncBN needs a process group, so it has its own table: ``--sync-procs`` (default
-2) gloo processes on this machine, each with the shape above as its per-rank batch, time
-PortableSyncBN against nn.BatchNorm2d on the same per-rank shape in the same processes
-(interleaved as above, the same number of calls on every rank), with
-``--threads / --sync-procs`` threads each, and compare peak memory as above. It also
-counts the collectives of one call from the profiler's backend events (``gloo:*``),
-forward and backward apart.
+PortableSyncBN in this process has no process group: it is plain BN. Its synchronised
+path has its own table: ``--sync-procs`` (default 2) gloo processes on this machine,
+each with the shape above as its per-rank batch, time PortableSyncBN against
+nn.BatchNorm2d on the same per-rank shape in the same processes (interleaved as above,
+the same number of calls on every rank), with ``--threads / --sync-procs`` threads each,
+and compare peak memory as above. It also counts the collectives of one call from the
+profiler's backend events (``gloo:*``), forward and backward apart.
+
+Output: markdown tables (printed, and written to ``--out-md``) and a PNG of the ratios
+per shape (``--out-png``).
 """
-import argparse
 import os
 import statistics
-import tempfile
-import time
+from dataclasses import dataclass
+from typing import Callable, Tuple
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from bench_utils import (DEFAULT_REPEATS, agree_on_most_calls, benchmark_parser,
+                         grouped_bars, interleaved_medians, markdown_table, pyplot,
+                         run_info, run_on_gloo, save_figure, write_text)
+from mmdet_bnplug.norms.eval_bn import EvalBN
 from mmdet_bnplug.norms.mabn import MABN
 from mmdet_bnplug.norms.portable_sync_bn import PortableSyncBN
 
@@ -119,6 +133,10 @@ class NaiveMABN(nn.Module):
         self.register_buffer('buffer_gz', torch.zeros(buffer_size, c))
 
     def forward(self, x):
+        if not self.training:  # the eval map, as the obvious chain of ops
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            z = x / (self.running_var + self.eps).sqrt().view(shape)
+            return z * self.weight.view(shape) + self.bias.view(shape)
         return NaiveMABNFunction.apply(x, self.weight, self.bias, self)
 
 
@@ -138,12 +156,59 @@ def _naive_mabn(c):
     return layer
 
 
-# name -> factory(num_features) -> layer; the first entry is the baseline
+class _BatchNorm2dEval(nn.BatchNorm2d):
+    """nn.BatchNorm2d kept in eval mode (frozen statistics): what EvalBN is held to."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def _frozen_affine(factory):
+    """The layer with requires_grad=False on weight and bias (norm_cfg requires_grad=False)."""
+    return lambda c: factory(c).requires_grad_(False)
+
+
+def _frozen_bn(c):
+    # imported here: mmdet.models takes seconds to import, the sync workers don't need it
+    from mmdet.models.layers.brick_wrappers import FrozenBatchNorm2d
+    return FrozenBatchNorm2d(c)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layer to measure: ``factory(num_features) -> layer``.
+
+    ``held_to``: other entries its fwd+bwd is also compared with (time and memory).
+    ``eval_forward``: False when its eval forward is another entry's (not timed twice).
+    """
+    factory: Callable[[int], nn.Module]
+    held_to: Tuple[str, ...] = ()
+    eval_forward: bool = True
+
+
+# name -> Candidate; the first entry is the baseline
 CANDIDATES = {
-    'BatchNorm2d': nn.BatchNorm2d,
-    'MABN': _mabn,
-    'MABN naive': _naive_mabn,
+    'BatchNorm2d': Candidate(nn.BatchNorm2d),
+    'MABN': Candidate(_mabn),
+    'MABN naive': Candidate(_naive_mabn),
+    'BN eval': Candidate(_BatchNorm2dEval, eval_forward=False),
+    'EvalBN': Candidate(EvalBN, held_to=('BN eval', )),
+    'BN eval frozen': Candidate(_frozen_affine(_BatchNorm2dEval), eval_forward=False),
+    'EvalBN frozen': Candidate(_frozen_affine(EvalBN), held_to=('BN eval frozen', 'BN eval'),
+                               eval_forward=False),
+    'PortableSyncBN': Candidate(PortableSyncBN),
+    'FrozenBN': Candidate(_frozen_bn),
+    'GroupNorm': Candidate(lambda c: nn.GroupNorm(32, c)),
 }
+# targets the docs quote: (what, ratio kind, layer, reference, bound)
+TARGETS = [('MABN fwd+bwd time / BN', 'time', 'MABN', 'BatchNorm2d', 1.25),
+           ('MABN peak memory / BN', 'mem', 'MABN', 'BatchNorm2d', 1.1),
+           ('EvalBN fwd+bwd time / BN eval', 'time', 'EvalBN', 'BN eval', 1.0),
+           ('EvalBN frozen fwd+bwd time / BN eval frozen', 'time', 'EvalBN frozen',
+            'BN eval frozen', 1.0)]
+QUICK = dict(max_numel=150_000, repeats=3, target_s=0.01)
+# kineto (read when the profiler first starts) logs each start and stop on stderr
+os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 
 
 def _step(layer, x, dy):
@@ -165,35 +230,24 @@ def peak_bytes(layer, x, dy) -> int:
     return peak
 
 
-def median_times(layers, x, dy, repeats: int, target_s: float = 0.05, agree=None) -> dict:
-    """Median seconds per forward+backward for each layer, measured interleaved.
-
-    ``agree``: maps the calls per sample chosen here to the ones to use (processes that
-    synchronise must make the same calls)."""
-    calls = {}
-    for name, layer in layers.items():
-        _step(layer, x, dy)
-        start = time.perf_counter()
-        _step(layer, x, dy)
-        calls[name] = max(1, round(target_s / (time.perf_counter() - start)))
-    if agree is not None:
-        calls = agree(calls)
-    samples = {name: [] for name in layers}
-    names = list(layers)
-    for rnd in range(repeats):
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            layer, n = layers[name], calls[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                _step(layer, x, dy)
-            samples[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
+def train_times(layers, x, dy, repeats, target_s, agree=None) -> dict:
+    """Median seconds per training-mode forward+backward of each layer, interleaved."""
+    steps = {n: (lambda layer=layer: _step(layer, x, dy)) for n, layer in layers.items()}
+    return interleaved_medians(steps, repeats, target_s, agree=agree)
 
 
-def _most_calls_over_ranks(calls):
-    counts = torch.tensor(list(calls.values()))
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-    return dict(zip(calls, counts.tolist()))
+def eval_times(layers, x, repeats, target_s) -> dict:
+    """Median seconds per eval-mode forward without autograd of each layer, interleaved."""
+    x = x.detach()
+
+    def forward(layer):
+        with torch.no_grad():
+            layer(x)
+
+    for layer in layers.values():
+        layer.eval()
+    steps = {n: (lambda layer=layer: forward(layer)) for n, layer in layers.items()}
+    return interleaved_medians(steps, repeats, target_s)
 
 
 def collectives_per_call(layer, x, dy):
@@ -209,86 +263,178 @@ def collectives_per_call(layer, x, dy):
     return count(forward), count(backward)
 
 
-def _sync_worker(rank, world_size, init_file, shapes, repeats, threads, out_file):
-    torch.set_num_threads(threads)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                            world_size=world_size)
+def _sync_worker(rank, shapes, repeats, target_s):
+    """Per shape: BN ms, PortableSyncBN time and memory ratios, collectives per call."""
     rows = []
-    for label, shape in shapes:
+    for _, shape in shapes:
         torch.manual_seed(rank)
         x, dy = torch.randn(shape).requires_grad_(), torch.randn(shape)
         layers = {'BatchNorm2d': nn.BatchNorm2d(shape[1]),
                   'PortableSyncBN': PortableSyncBN(shape[1])}
-        times = median_times(layers, x, dy, repeats, agree=_most_calls_over_ranks)
+        times = train_times(layers, x, dy, repeats, target_s, agree=agree_on_most_calls)
         peaks = {n: peak_bytes(layer, x, dy) for n, layer in layers.items()}
-        rows.append((label, shape, times['BatchNorm2d'], times['PortableSyncBN'],
-                     peaks['PortableSyncBN'] / peaks['BatchNorm2d'],
-                     *collectives_per_call(layers['PortableSyncBN'], x, dy)))
-    if rank == 0:
-        torch.save(rows, out_file)
-    dist.destroy_process_group()
+        rows.append(dict(bn_ms=times['BatchNorm2d'] * 1e3,
+                         time=times['PortableSyncBN'] / times['BatchNorm2d'],
+                         mem=peaks['PortableSyncBN'] / peaks['BatchNorm2d'],
+                         collectives=collectives_per_call(layers['PortableSyncBN'], x, dy)))
+    return rows
 
 
-def sync_table(shapes, procs, repeats, threads):
-    """PortableSyncBN on ``procs`` gloo processes against local BN, per-rank shapes."""
-    threads = max(1, threads // procs)
-    print(f'\nPortableSyncBN on {procs} gloo processes ({threads} threads each), per-rank '
-          'shape; time ratio to nn.BatchNorm2d on that shape in the same processes')
-    print(f'{"shape":<22}{"N,C,H,W":<20}{"BatchNorm2d ms":>16}{"PortableSyncBN time":>21}'
-          f'{"mem":>8}{"collectives fwd+bwd":>21}')
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, 'rows.pt')
-        mp.spawn(_sync_worker, nprocs=procs, args=(procs, os.path.join(tmp, 'rendezvous'),
-                                                   shapes, repeats, threads, out_file))
-        rows = torch.load(out_file)
-    for label, shape, t_bn, t_sync, mem, fwd, bwd in rows:
-        print(f'{label:<22}{",".join(map(str, shape)):<20}{t_bn * 1e3:>16.2f}'
-              f'{t_sync / t_bn:>21.3f}{mem:>8.3f}{f"{fwd}+{bwd}":>21}')
-    print(f'worst ratio over shapes: PortableSyncBN time '
-          f'{max(r[3] / r[2] for r in rows):.3f}, memory {max(r[4] for r in rows):.3f}')
+def measure_shape(shape, names, repeats, target_s, memory_format):
+    """Ratios of every named candidate on one shape (see module docstring)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
+    dy = torch.randn(shape).contiguous(memory_format=memory_format)
+    layers = {n: CANDIDATES[n].factory(shape[1]).train() for n in names}
+    base = names[0]
+    times = train_times(layers, x, dy, repeats, target_s)
+    peaks = {n: peak_bytes(layer, x, dy) for n, layer in layers.items()}
+    evals = eval_times({n: layers[n] for n in names if CANDIDATES[n].eval_forward},
+                       x, repeats, target_s)
+    return dict(
+        bn_ms=times[base] * 1e3, bn_eval_ms=evals[base] * 1e3, bn_mb=peaks[base] / 2**20,
+        time={n: times[n] / times[base] for n in names[1:]},
+        mem={n: peaks[n] / peaks[base] for n in names[1:]},
+        eval={n: evals[n] / evals[base] for n in names[1:] if n in evals},
+        held={(n, ref): (times[n] / times[ref], peaks[n] / peaks[ref])
+              for n in names for ref in CANDIDATES[n].held_to if ref in layers})
+
+
+def _median_worst(values):
+    values = [v for v in values if v is not None]
+    return (statistics.median(values), max(values)) if values else (None, None)
+
+
+def _shape_cells(label, shape):
+    return [label, 'x'.join(map(str, shape))]
+
+
+def report(shapes, results, names, sync, procs, info) -> str:
+    """The markdown report: summary, targets, per-shape tables, the sync table."""
+    sync_name = f'PortableSyncBN x{procs}'
+    for res, srow in zip(results, sync or []):
+        res['time'][sync_name], res['mem'][sync_name] = srow['time'], srow['mem']
+    layers = names[1:] + ([sync_name] if sync else [])
+    n = len(shapes)
+    out = [f'# Norm layer benchmark\n\n{info}\n',
+           f'## Summary: ratio to nn.BatchNorm2d, median and worst over {n} shapes\n',
+           'fwd+bwd in training mode; eval forward against nn.BatchNorm2d in eval mode; '
+           'peak memory of one fwd+bwd.'
+           + (f' {sync_name}: {procs} gloo processes against nn.BatchNorm2d in the same '
+              'processes.' if sync else '') + '\n']
+    summary = []
+    for layer in layers:
+        cells = [layer]
+        for kind in ('time', 'eval', 'mem'):
+            cells += _median_worst([r[kind].get(layer) for r in results])
+        summary.append(cells)
+    out.append(markdown_table(['layer', 'fwd+bwd median', 'worst', 'eval fwd median',
+                               'worst', 'peak mem median', 'worst'], summary))
+    held = [key for key in results[0]['held']] if results else []
+    if held:
+        out.append('\n## EvalBN against nn.BatchNorm2d in eval mode (fwd+bwd)\n')
+        out.append(markdown_table(
+            ['ratio', 'time median', 'worst', 'peak mem median', 'worst'],
+            [[f'{a} / {b}', *_median_worst([r['held'][(a, b)][0] for r in results]),
+              *_median_worst([r['held'][(a, b)][1] for r in results])] for a, b in held]))
+    targets = []
+    for what, kind, layer, ref, bound in TARGETS:
+        if ref == names[0]:
+            values = [r[kind].get(layer) for r in results]
+        else:
+            values = [r['held'].get((layer, ref), (None, None))[kind == 'mem']
+                      for r in results]
+        values = [v for v in values if v is not None]
+        if values:
+            targets.append([what, f'<= {bound}', *_median_worst(values),
+                            f'{sum(v <= bound for v in values)}/{len(values)}'])
+    if targets:
+        out.append('\n## Targets\n')
+        out.append(markdown_table(['ratio', 'target', 'median', 'worst', 'shapes within'],
+                                  targets))
+    for kind, title, base_col, base_key, cols in (
+            ('time', 'fwd+bwd time, ratio to nn.BatchNorm2d (training mode)',
+             'BN ms', 'bn_ms', layers),
+            ('eval', 'eval forward time, ratio to nn.BatchNorm2d (eval mode, no_grad)',
+             'BN eval ms', 'bn_eval_ms', [c for c in names[1:] if CANDIDATES[c].eval_forward]),
+            ('mem', 'peak memory of one fwd+bwd, ratio to nn.BatchNorm2d',
+             'BN MB', 'bn_mb', layers)):
+        out.append(f'\n## {title}\n')
+        out.append(markdown_table(
+            ['shape', 'N,C,H,W', base_col] + cols,
+            [_shape_cells(label, shape) + [res[base_key]] + [res[kind].get(c) for c in cols]
+             for (label, shape), res in zip(shapes, results)]))
+    if sync:
+        out.append(f'\n## PortableSyncBN on {procs} gloo processes\n')
+        out.append('Per-rank shape; ratios to nn.BatchNorm2d on that shape in the same '
+                   'processes; collectives counted per call.\n')
+        out.append(markdown_table(
+            ['shape', 'N,C,H,W per rank', 'BN ms', 'time', 'peak mem',
+             'collectives fwd+bwd'],
+            [_shape_cells(label, shape) + [s['bn_ms'], s['time'], s['mem'],
+                                            '{}+{}'.format(*s['collectives'])]
+             for (label, shape), s in zip(shapes, sync)]))
+    return '\n'.join(out) + '\n'
+
+
+def plot(path, shapes, results, names, sync, procs):
+    """Grouped bars per shape: fwd+bwd time, eval forward time, peak memory ratios."""
+    plt = pyplot()
+    sync_name = f'PortableSyncBN x{procs}'
+    layers = names[1:] + ([sync_name] if sync else [])
+    eval_layers = [n for n in names[1:] if CANDIDATES[n].eval_forward]
+    groups = [label for label, _ in shapes]
+    fig, axes = plt.subplots(3, 1, figsize=(15, 13), gridspec_kw=dict(hspace=0.45))
+    for ax, kind, cols, ylabel, log in (
+            (axes[0], 'time', layers, 'fwd+bwd time / BN', True),
+            (axes[1], 'eval', eval_layers, 'eval forward time / BN eval', True),
+            (axes[2], 'mem', layers, 'peak memory / BN', False)):
+        grouped_bars(ax, groups, {c: [r[kind].get(c) for r in results] for c in cols},
+                     ylabel, log=log)
+    axes[0].legend(ncol=6, fontsize=8, loc='lower left', bbox_to_anchor=(0, 1.02))
+    axes[1].legend(ncol=6, fontsize=8, loc='upper left')
+    axes[0].set_title('Norm layers on RetinaNet R50-FPN shapes (batch 2), ratio to '
+                      'nn.BatchNorm2d in the same run', pad=40)
+    save_figure(fig, path)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
-    parser.add_argument('--only', nargs='+', default=None, metavar='NAME',
-                        help='candidates to run besides the baseline')
+    parser = benchmark_parser(
+        __doc__, f'shapes of at most {QUICK["max_numel"]} elements, {QUICK["repeats"]} '
+        'rounds, short samples', list(CANDIDATES)[1:], 'the PortableSyncBN table')
     parser.add_argument('--max-numel', type=int, default=None,
-                        help='skip shapes with more elements (quick runs)')
+                        help='skip shapes with more elements')
     parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--sync-procs', type=int, default=2,
-                        help='gloo processes for the PortableSyncBN table (0: skip it)')
     args = parser.parse_args()
+    repeats = args.repeats or (QUICK['repeats'] if args.quick else DEFAULT_REPEATS)
+    max_numel = args.max_numel or (QUICK['max_numel'] if args.quick else None)
+    target_s = QUICK['target_s'] if args.quick else 0.05
     torch.set_num_threads(args.threads)
-    baseline = next(iter(CANDIDATES))
-    names = [n for n in CANDIDATES if n == baseline or args.only is None or n in args.only]
+    wanted = set(args.only or CANDIDATES)
+    wanted |= {ref for n in wanted for ref in CANDIDATES[n].held_to}
+    names = [n for i, n in enumerate(CANDIDATES) if i == 0 or n in wanted]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    print(f'torch {torch.__version__}, {args.threads} threads, median of {args.repeats} '
-          f'rounds; ratios to {baseline} (time ms | peak MB for the baseline)')
-    header = f'{"shape":<22}{"N,C,H,W":<20}{baseline + " ms":>16}{"MB":>8}'
-    print(header + ''.join(f'{n + " time":>18}{"mem":>8}' for n in names[1:]))
-    worst = {n: [0.0, 0.0] for n in names[1:]}
     shapes = [(label, shape) for label, shape in SHAPES
-              if not args.max_numel or torch.Size(shape).numel() <= args.max_numel]
+              if not max_numel or torch.Size(shape).numel() <= max_numel]
+    if not shapes:
+        parser.error(f'--max-numel {max_numel} leaves no shape')
+    load_before = os.getloadavg()[0]
+    results = []
     for label, shape in shapes:
-        torch.manual_seed(0)
-        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
-        dy = torch.randn(shape).contiguous(memory_format=fmt)
-        layers = {n: CANDIDATES[n](shape[1]).train() for n in names}
-        times = median_times(layers, x, dy, args.repeats)
-        peaks = {n: peak_bytes(layer, x, dy) for n, layer in layers.items()}
-        row = (f'{label:<22}{",".join(map(str, shape)):<20}'
-               f'{times[baseline] * 1e3:>16.2f}{peaks[baseline] / 2**20:>8.1f}')
-        for n in names[1:]:
-            rt, rm = times[n] / times[baseline], peaks[n] / peaks[baseline]
-            worst[n] = [max(worst[n][0], rt), max(worst[n][1], rm)]
-            row += f'{rt:>18.3f}{rm:>8.3f}'
-        print(row, flush=True)
-    print('worst ratio over shapes: ' + '; '.join(
-        f'{n}: time {t:.3f}, memory {m:.3f}' for n, (t, m) in worst.items()))
-    if args.sync_procs > 1 and (args.only is None or 'PortableSyncBN' in args.only):
-        sync_table(shapes, args.sync_procs, args.repeats, args.threads)
+        results.append(measure_shape(shape, names, repeats, target_s, fmt))
+        print(f'{label}: done', flush=True)
+    sync, threads = None, max(1, args.threads // max(1, args.sync_procs))
+    procs = args.sync_procs if 'PortableSyncBN' in wanted else 0
+    if procs > 1:
+        sync = run_on_gloo(_sync_worker, procs, threads, shapes, repeats, target_s)
+    info = run_info(args.threads, procs, threads, load_before,
+                    f'median of {repeats} interleaved rounds'
+                    + (', channels_last' if args.channels_last else ''))
+    text = report(shapes, results, names, sync, procs, info)
+    print(text)
+    write_text(args.out_md, text)
+    if args.out_png:
+        plot(args.out_png, shapes, results, names, sync, procs)
 
 
 if __name__ == '__main__':
