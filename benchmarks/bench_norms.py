@@ -263,7 +263,7 @@ def collectives_per_call(layer, x, dy):
     return count(forward), count(backward)
 
 
-def _sync_worker(rank, shapes, repeats, target_s):
+def _sync_worker(rank, world_size, shapes, repeats, target_s):
     """Per shape: BN ms, PortableSyncBN time and memory ratios, collectives per call."""
     rows = []
     for _, shape in shapes:

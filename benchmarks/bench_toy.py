@@ -127,7 +127,7 @@ def train_times(models, batches, rounds, warmup):
     return interleaved_medians(steps, rounds, target_s=0.0, warmup=warmup), losses
 
 
-def _sync_worker(rank, batch_size, rounds, warmup):
+def _sync_worker(rank, world_size, batch_size, rounds, warmup):
     """Iteration times of the BN and PortableSyncBN toys under DDP on this rank."""
     register_all_modules()
     quiet_logs()

@@ -1,15 +1,18 @@
 """What the benchmark scripts share: interleaved timing, markdown tables, bar plots."""
 import argparse
 import os
-import pickle
 import statistics
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo_spawn import run_gloo
+
+# bounds of a multi-process benchmark (s): the whole run, and any one collective
+RUN_TIMEOUT_S = 3600
+COLLECTIVE_TIMEOUT_S = 600
 
 
 def interleaved_medians(steps: Dict[str, Callable[[], object]], repeats: int,
@@ -44,24 +47,11 @@ def interleaved_medians(steps: Dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _gloo_entry(rank, world_size, tmp, threads, worker, args):
-    torch.set_num_threads(threads)
-    dist.init_process_group('gloo', init_method=f'file://{tmp}/rendezvous', rank=rank,
-                            world_size=world_size)
-    result = worker(rank, *args)
-    if rank == 0:
-        with open(os.path.join(tmp, 'result.pkl'), 'wb') as f:
-            pickle.dump(result, f)
-    dist.destroy_process_group()
-
-
 def run_on_gloo(worker: Callable, procs: int, threads: int, *args):
-    """``worker(rank, *args)`` in ``procs`` spawned processes joined by a gloo process
-    group, ``threads`` torch threads each; returns rank 0's result."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_gloo_entry, nprocs=procs, args=(procs, tmp, threads, worker, args))
-        with open(os.path.join(tmp, 'result.pkl'), 'rb') as f:
-            return pickle.load(f)
+    """``worker(rank, world_size, *args)`` on ``procs`` gloo ranks of ``threads`` torch
+    threads each (``gloo_spawn.run_gloo``, bounded in time); returns rank 0's result."""
+    return run_gloo(worker, procs, args=args, timeout=RUN_TIMEOUT_S,
+                    pg_timeout=COLLECTIVE_TIMEOUT_S, threads=threads)[0]
 
 
 def agree_on_most_calls(calls: Dict[str, int]) -> Dict[str, int]:
