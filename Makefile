@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch first (the CPU wheel), then mmcv 2.1.0 built from source with its CPU ops against it.
+# torch first (the CPU wheel), then mmcv 2.1.0 built from source with its CPU ops against it,
+# then this package with MABN's compiled CPU step (setup.py; torch needed at build time).
 TORCH_SPEC ?= torch==2.13.0
 SETUPTOOLS_SPEC := setuptools>=77,<81
 MMCV_SPEC := mmcv==2.1.0
@@ -21,14 +22,14 @@ SYNTHETIC_DIR := data/synthetic
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py mmdet_bnplug/norms/csrc/mabn_cpu.cpp Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install '$(TORCH_SPEC)' '$(SETUPTOOLS_SPEC)' wheel ninja numpy
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \
 		MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$$(nproc) \
 		$(PIP) install --no-build-isolation '$(MMCV_SPEC)'
 	$(PIP) install --no-build-isolation -e '.[dev]'
-	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__)"
+	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.norms.mabn as m; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; MABN compiled CPU step:', m._mabn_cpu is not None)"
 	touch $(STAMP)
 
 # regenerated when the generator changes

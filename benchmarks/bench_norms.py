@@ -144,10 +144,19 @@ class NaiveMABN(nn.Module):
 STEADY = dict(buffer_size=16, warmup_iters=0, renorm_iters=0)
 
 
-def _mabn(c):
-    layer = MABN(c, **STEADY)
-    layer.num_batches_tracked.fill_(1000)
-    return layer
+class _MABNPyTorchStep(MABN):
+    """MABN on its PyTorch training step on CPU as well: the path of every other device
+    and of an install without the compiled CPU step."""
+    _compiled_cpu_step = MABN._pytorch_step
+
+
+def _steady_mabn(cls):
+    """Factory of ``cls`` layers in the steady state."""
+    def factory(c):
+        layer = cls(c, **STEADY)
+        layer.num_batches_tracked.fill_(1000)
+        return layer
+    return factory
 
 
 def _naive_mabn(c):
@@ -189,7 +198,8 @@ class Candidate:
 # name -> Candidate; the first entry is the baseline
 CANDIDATES = {
     'BatchNorm2d': Candidate(nn.BatchNorm2d),
-    'MABN': Candidate(_mabn),
+    'MABN': Candidate(_steady_mabn(MABN)),
+    'MABN PyTorch step': Candidate(_steady_mabn(_MABNPyTorchStep), eval_forward=False),
     'MABN naive': Candidate(_naive_mabn),
     'BN eval': Candidate(_BatchNorm2dEval, eval_forward=False),
     'EvalBN': Candidate(EvalBN, held_to=('BN eval', )),

@@ -1,4 +1,5 @@
-"""Shared fixtures: paths of the repository, a tiny synthetic dataset, one thread."""
+"""Shared fixtures: paths of the repository, a tiny synthetic dataset, one thread,
+MABN's two training paths."""
 import os
 import os.path as osp
 import subprocess
@@ -20,6 +21,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=['compiled', 'pytorch'])
+def mabn_path(request, monkeypatch):
+    """Runs a test on each of MABN's CPU training paths: 'compiled' (csrc/mabn_cpu.cpp,
+    which must be built) and 'pytorch' (_MABNFunction, the path of every other device)."""
+    from mmdet_bnplug.norms import mabn
+    if request.param == 'pytorch':
+        monkeypatch.setattr(mabn, '_mabn_cpu', None)
+        monkeypatch.setattr(mabn, '_warn_not_compiled', lambda: None)
+    elif mabn._mabn_cpu is None:
+        pytest.fail("MABN's compiled CPU step is not built (pip install "
+                    '--no-build-isolation -e .)')
+    return request.param
 
 
 @pytest.fixture(scope='session')

@@ -50,14 +50,15 @@ def positive(cell):
 def test_bench_norms_quick(tmp_path):
     found = run_benchmark(tmp_path, 'bench_norms.py', '--max-numel', '50000')
     summary = table(found, 'Summary')
-    layers = ['MABN', 'MABN naive', 'BN eval', 'EvalBN', 'BN eval frozen', 'EvalBN frozen',
+    layers = ['MABN', 'MABN PyTorch step', 'MABN naive', 'BN eval', 'EvalBN', 'BN eval frozen', 'EvalBN frozen',
               'PortableSyncBN', 'FrozenBN', 'GroupNorm', 'PortableSyncBN x2']
     assert list(summary) == ['layer'] + layers
     for layer in layers:  # fwd+bwd, eval forward, memory: median and worst
         cells = summary[layer]
         for cell in cells[:2] + cells[4:]:
             positive(cell)
-        if layer in ('BN eval', 'BN eval frozen', 'EvalBN frozen', 'PortableSyncBN x2'):
+        if layer in ('MABN PyTorch step', 'BN eval', 'BN eval frozen', 'EvalBN frozen',
+                     'PortableSyncBN x2'):
             assert cells[2:4] == ['-', '-']  # its eval forward is another entry's
         else:
             positive(cells[2]), positive(cells[3])

@@ -1,4 +1,5 @@
-"""MABN against an independent float64 (numpy) implementation of shared/spec/mabn.md."""
+"""MABN against an independent float64 (numpy) implementation of shared/spec/mabn.md,
+on both CPU training paths (compiled and PyTorch: the ``mabn_path`` fixture)."""
 import io
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 from mmdet_bnplug.norms.mabn import MABN
 
-pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
+pytestmark = pytest.mark.usefixtures('one_thread', 'mabn_path')  # tiny tensors
 
 
 HPARAMS = dict(buffer_size=4, warmup_iters=30, renorm_iters=80, r_max=1.5,

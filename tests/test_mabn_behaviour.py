@@ -1,5 +1,8 @@
 """MABN's contract beyond the spec's arithmetic: inputs, dtypes, state, registry,
-conversion to and from BN, activation checkpointing, no host-device sync."""
+conversion to and from BN, activation checkpointing, no host-device sync; on both CPU
+training paths (compiled and PyTorch: the ``mabn_path`` fixture)."""
+import copy
+import io
 import warnings
 
 import pytest
@@ -14,7 +17,7 @@ import mmdet_bnplug  # noqa: F401  (registers the layers)
 from mmdet_bnplug.conv_wc import ConvWC
 from mmdet_bnplug.norms.mabn import MABN
 
-pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
+pytestmark = pytest.mark.usefixtures('one_thread', 'mabn_path')  # tiny tensors
 
 QUICK = dict(buffer_size=2, warmup_iters=3, renorm_iters=5, r_max=1.5)
 
@@ -173,14 +176,16 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_host_sync_per_step():
-    """No tensor-to-Python read (``.item()``, ``int()``, ``bool()``) per step: only
-    the first step reads the counter once."""
+def test_no_host_sync_per_step(mabn_path):
+    """No tensor-to-Python read (``.item()``, ``int()``, ``bool()``) per step. The
+    PyTorch step (the GPU path) reads the counter once, at the first step; the compiled
+    CPU step reads it in C++, a plain memory read on CPU, never by a tensor op."""
+    reads = 1 if mabn_path == 'pytorch' else 0
     layer = MABN(3, **QUICK)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     with _Ops() as ops:
         layer(x).sum().backward()
-    assert sum('_local_scalar_dense' in n for n in ops.names) == 1
+    assert sum('_local_scalar_dense' in n for n in ops.names) == reads
     with _Ops() as ops:
         for _ in range(10):  # through SMA and renorm
             layer(x).sum().backward()
@@ -189,8 +194,66 @@ def test_no_host_sync_per_step():
     layer.load_state_dict(layer.state_dict())
     with _Ops() as ops:
         layer(x).sum().backward()
-    assert sum('_local_scalar_dense' in n for n in ops.names) == 1
+    assert sum('_local_scalar_dense' in n for n in ops.names) == reads
     assert layer.num_batches_tracked.item() == 12
+
+
+def test_cpu_training_runs_the_path_under_test(mabn_path):
+    y = MABN(3)(torch.randn(2, 3, 4, 4, requires_grad=True))
+    node = {'compiled': 'MABNTrain', 'pytorch': '_MABNFunctionBackward'}[mabn_path]
+    assert node in y.grad_fn.name()
+
+
+def test_both_paths_share_their_state(monkeypatch):
+    """Switching paths mid-training (e.g. moving a CPU-trained model to a GPU) continues
+    the same run: every statistic lives in the buffers. Float64: the two paths round
+    differently only in the last bits."""
+    from mmdet_bnplug.norms import _mabn_cpu as compiled
+    from mmdet_bnplug.norms import mabn
+
+    def run(paths):
+        torch.manual_seed(0)
+        layer = MABN(3, **QUICK).double()
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for use_compiled in paths:
+            monkeypatch.setattr(mabn, '_mabn_cpu', compiled if use_compiled else None)
+            x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64,
+                            requires_grad=True)
+            y = layer(x)
+            y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64))
+            out += [y.detach(), x.grad, *[v.clone() for v in layer.state_dict().values()]]
+        return out
+
+    monkeypatch.setattr(mabn, '_warn_not_compiled', lambda: None)
+    mixed = run([i % 3 == 0 for i in range(12)])  # warm-up, SMA, renorm
+    for got, want in zip(mixed, run([False] * 12)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_deepcopy_and_pickle_continue_identically():
+    """EMA hooks deepcopy the model, ``torch.save(model)`` pickles it: the copies train
+    on exactly like the original."""
+    layer = MABN(3, **QUICK)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(12)]
+    for x in batches[:6]:
+        layer(x).sum().backward()
+    blob = io.BytesIO()
+    torch.save(layer, blob)
+    blob.seek(0)
+    copies = [copy.deepcopy(layer), torch.load(blob, weights_only=False)]
+    for x in batches[6:]:  # on into SMA and renorm
+        outs = []
+        for m in [layer, *copies]:
+            xm = x.clone().requires_grad_()
+            y = m(xm)
+            y.backward(torch.ones_like(y))
+            outs.append((y, xm.grad))
+        for y, dx in outs[1:]:
+            assert torch.equal(y, outs[0][0]) and torch.equal(dx, outs[0][1])
+    for m in copies:
+        _assert_same_state(_state(layer), _state(m))
 
 
 class _Block(nn.Module):

@@ -1,6 +1,7 @@
 """Importing the package (directly or through a config's custom_imports) registers its
 names in mmengine's root registries, where every OpenMMLab scope finds them."""
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -37,3 +38,25 @@ def test_custom_imports_alone_registers_everything():
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
 
+
+
+def test_mabn_compiled_cpu_step_is_built():
+    """The install builds MABN's compiled CPU step (setup.py); without it training on
+    CPU is slow on small maps, so a missing build fails here rather than passing by."""
+    from mmdet_bnplug.norms import mabn
+    assert mabn._mabn_cpu is not None, 'reinstall with: pip install --no-build-isolation -e .'
+
+
+def test_mabn_without_compiled_step_warns_once(monkeypatch):
+    import torch
+
+    from mmdet_bnplug.norms import mabn
+    monkeypatch.setattr(mabn, '_mabn_cpu', None)
+    mabn._warn_not_compiled.cache_clear()
+    layer = mabn.MABN(2)
+    with pytest.warns(UserWarning, match='compiled CPU step .* is not built'):
+        layer(torch.randn(2, 2, 3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        layer(torch.randn(2, 2, 3, 3))
+    assert layer.num_batches_tracked.item() == 2

@@ -4,9 +4,11 @@ Normalises by the second moment E[x^2] (no mean-centring; pair it with ``ConvWC`
 replaces batch statistics in the forward *and* backward pass by simple moving averages
 over the last ``buffer_size`` iterations, and renormalises towards ``running_var`` like
 Batch Renormalisation. In eval mode it is BN's per-channel affine map with a zero mean.
-User guide: ``docs/mabn.md``; the algorithm line by line: ``SpecMABN`` in
-``tests/test_mabn.py``.
+Training on CPU runs the compiled step of ``csrc/mabn_cpu.cpp`` when it is built; every
+other device, or a missing build, runs ``_MABNFunction`` (same arithmetic). User guide:
+``docs/mabn.md``; the algorithm line by line: ``SpecMABN`` in ``tests/test_mabn.py``.
 """
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -16,6 +18,11 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward
+
+try:  # the compiled CPU training step, built at install time (setup.py)
+    from . import _mabn_cpu
+except ImportError:
+    _mabn_cpu = None
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +67,15 @@ def _ring_mean(buffer: torch.Tensor, consts: _Consts) -> torch.Tensor:
     """Mean of the ring buffer's B rows, (C,) in the statistics dtype (no matmul:
     autocast would run it in half precision)."""
     return buffer.mean(0, dtype=consts.zeros.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_not_compiled() -> None:
+    """Warn once that the compiled CPU step is missing (see setup.py)."""
+    warnings.warn("MABN: the compiled CPU step (mmdet_bnplug.norms._mabn_cpu) is not "
+                  "built, training on CPU uses the PyTorch step: same results, slower on "
+                  "small feature maps. Reinstall with a C++ compiler: pip install "
+                  "--no-build-isolation -e <mmdet-bnplug checkout>")
 
 
 def _inside_backward() -> bool:
@@ -181,9 +197,10 @@ class MABN(_BatchNorm):
         self.register_buffer('buffer_x2', torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer('buffer_gz', torch.zeros(buffer_size, num_features, **factory))
         # host-side state, mutated in place (cheaper than Module.__setattr__):
-        # 'step': the last training step's _Step, reused when activation checkpointing
-        # re-runs the forward inside the backward pass; 'counter': see _tick
-        self._host = dict(step=None, counter=None)
+        # 'step': the PyTorch path's last training step, reused when activation
+        # checkpointing re-runs the forward inside the backward pass; 'counter': see
+        # _tick; 'compiled': the compiled path's State (its last step, constants)
+        self._host = dict(step=None, counter=None, compiled=None)
         self._const_cache = {}
 
     def extra_repr(self) -> str:
@@ -197,7 +214,7 @@ class MABN(_BatchNorm):
         if hasattr(self, 'buffer_x2'):  # _BatchNorm.__init__ calls this before they exist
             self.buffer_x2.zero_()
             self.buffer_gz.zero_()
-            self._host['step'] = None
+            self._host.update(step=None, compiled=None)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -215,7 +232,27 @@ class MABN(_BatchNorm):
             return torch.batch_norm(x, self.weight, self.bias, self.running_mean,
                                     self.running_var, False, 0.0, self.eps,
                                     torch.backends.cudnn.enabled)
+        if x.device.type == 'cpu' and self.running_var.dtype == _stat_dtype(x.dtype):
+            if _mabn_cpu is not None:
+                return self._compiled_cpu_step(x)
+            _warn_not_compiled()
+        return self._pytorch_step(x)
+
+    def _pytorch_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The training step by ``_MABNFunction``: any device, any dtype."""
         return _MABNFunction.apply(x, self.weight, self.bias, self, self._consts(x))
+
+    def _compiled_cpu_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The training step by ``_mabn_cpu.train_step`` (mabn_cpu.cpp): the same
+        arithmetic as ``_MABNFunction``, counter and phase included, in one call with
+        a C++ autograd node. The counter is read on the host: free on CPU."""
+        state = self._host['compiled']
+        if state is None:
+            state = self._host['compiled'] = _mabn_cpu.State()
+        return _mabn_cpu.train_step(x, self.weight, self.bias, self.running_var,
+                                    self.num_batches_tracked, self.buffer_x2, self.buffer_gz,
+                                    state, self.eps, self.momentum, self.r_max,
+                                    self.warmup_iters, self.renorm_iters)
 
     def _consts(self, x: torch.Tensor) -> _Consts:
         key = (x.dtype, x.device, self.eps)
@@ -318,7 +355,7 @@ class MABN(_BatchNorm):
                               missing_keys, unexpected_keys, error_msgs):
         if prefix + 'running_mean' in state_dict and prefix + 'buffer_x2' not in state_dict:
             self._absorb_batchnorm_state(state_dict, prefix)
-        self._host['step'] = None
+        self._host.update(step=None, compiled=None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
