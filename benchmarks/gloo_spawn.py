@@ -23,7 +23,8 @@ def _entry(rank, fn, world_size, init_file, out_dir, pg_timeout, threads, args):
     try:
         result = fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have closed it
+            dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
 
 

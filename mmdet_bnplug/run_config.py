@@ -1,4 +1,5 @@
-"""Loading and checking a run's config for ``tools/train.py`` and ``tools/test.py``.
+"""Loading and checking a run's config for ``tools/train.py`` and ``tools/test.py``, and
+building and closing their run.
 
 mmdet 3.x conventions (``--work-dir``, ``--cfg-options``, ``--launcher``); on top of them,
 mistakes that would otherwise surface minutes later deep inside the Runner are caught
@@ -9,7 +10,10 @@ import os
 import os.path as osp
 
 import torch
+import torch.distributed as dist
 from mmengine.config import Config, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
 from torch import nn
 
 SYNTHETIC_HINT = ('generate the synthetic dataset with: '
@@ -128,3 +132,18 @@ def check_amp_device():
     if not torch.cuda.is_available():
         raise RuntimeError('--amp needs a CUDA device (mmengine AmpOptimWrapper); '
                            'none is available on this machine')
+
+
+def build_runner(cfg):
+    """The config's runner: ``runner_type`` if it names one, else mmengine's Runner."""
+    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+
+
+def close_distributed():
+    """After a successful distributed run: wait for every rank, then destroy the process
+    group, so that its gloo threads stop while the interpreter is still alive. Left to
+    interpreter exit, a rank can abort ("terminate called without an active exception")
+    and the launcher reports the finished run as failed. No-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

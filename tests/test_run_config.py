@@ -5,9 +5,11 @@ import os.path as osp
 import pytest
 from mmengine.config import Config
 
+import torch.distributed as dist
 from conftest import TOY_BN_CONFIG, run_tool
+from dist_utils import run_distributed
 from mmdet_bnplug.run_config import (add_common_args, check_datasets, check_norm_types,
-                                     load_config)
+                                     close_distributed, load_config)
 
 
 def parse(argv):
@@ -74,3 +76,15 @@ def test_train_tool_reports_bad_input_without_building_anything(tmp_path):
     result = run_tool(['tools/test.py', TOY_BN_CONFIG, str(tmp_path / 'missing.pth')],
                       timeout=300)
     assert result.returncode != 0 and 'checkpoint file not found' in result.stderr
+
+
+def _close_and_report(rank, world_size):
+    close_distributed()
+    return dist.is_initialized()
+
+
+def test_close_distributed_destroys_the_process_group():
+    """The tools close the group after a distributed run (else a gloo rank can abort at
+    interpreter exit); without a group it does nothing."""
+    assert run_distributed(_close_and_report, 2) == [False, False]
+    close_distributed()

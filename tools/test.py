@@ -3,11 +3,9 @@
 import argparse
 import os.path as osp
 
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
-
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
-from mmdet_bnplug.run_config import add_common_args, check_datasets, load_config
+from mmdet_bnplug.run_config import (add_common_args, build_runner, check_datasets,
+                                     close_distributed, load_config)
 
 
 def parse_args(argv=None):
@@ -27,11 +25,12 @@ def main(argv=None):
     cfg = load_config(args)
     check_datasets(cfg, ['test_dataloader'])
     cfg.load_from = args.checkpoint
-    runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+    runner = build_runner(cfg)
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     runner.test()
+    close_distributed()
 
 
 if __name__ == '__main__':

@@ -2,12 +2,9 @@
 [--amp] [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]`` (mmdet 3.x style)."""
 import argparse
 
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
-
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
-from mmdet_bnplug.run_config import (add_common_args, check_amp_device, check_datasets,
-                                     load_config)
+from mmdet_bnplug.run_config import (add_common_args, build_runner, check_amp_device,
+                                     check_datasets, close_distributed, load_config)
 
 
 def parse_args(argv=None):
@@ -33,8 +30,9 @@ def main(argv=None):
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+    runner = build_runner(cfg)
     runner.train()
+    close_distributed()
 
 
 if __name__ == '__main__':
