@@ -1,8 +1,8 @@
 // MABN's whole training step on CPU in one call from Python: counter and phase,
 // statistics, ring buffers, running_var, output, and a C++ autograd node for the
 // backward. The arithmetic and the passes over memory are those of _MABNFunction in
-// mabn.py (the path for every other device): BN's vectorised ATen kernels for the
-// elementwise work, plain loops for the per-channel statistics. What this saves is the
+// mabn.py (the path for every other device): ATen's vectorised kernels for the
+// elementwise work (see affine), plain loops for the per-channel statistics. What this saves is the
 // Python dispatch of ~20 small per-channel tensor ops per step, which dominates on
 // small feature maps (FPN P6/P7).
 #include <torch/extension.h>
