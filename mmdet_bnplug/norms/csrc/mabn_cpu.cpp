@@ -104,6 +104,13 @@ std::tuple<Tensor, Tensor> dot_sums(const Tensor& a, const Tensor& b, const Tens
   return {std::get<1>(out), std::get<2>(out)};
 }
 
+// A (C,) tensor viewed as (1, C, 1, ...) to broadcast over a rank-``dim`` input.
+Tensor channel_view(const Tensor& v, int64_t dim) {
+  std::vector<int64_t> shape(dim, 1);
+  shape[1] = -1;
+  return v.view(shape);
+}
+
 // scale[c] * x + shift[c], in x's dtype and memory format. BN's eval kernel (as
 // _affine in mabn.py), except for channels_last input of the statistics dtype, where a
 // broadcast multiply-add is faster on CPU at every benchmark shape.
@@ -111,10 +118,8 @@ Tensor affine(const Tensor& x, const Tensor& scale, const std::optional<Tensor>&
               const Tensor& zeros, const Tensor& ones) {
   if (x.dim() > 2 && x.scalar_type() == scale.scalar_type() &&
       x.suggest_memory_format() != at::MemoryFormat::Contiguous) {
-    std::vector<int64_t> shape(x.dim(), 1);
-    shape[1] = -1;
-    return shift ? at::addcmul(shift->view(shape), x, scale.view(shape))
-                 : at::mul(x, scale.view(shape));
+    const Tensor s = channel_view(scale, x.dim());
+    return shift ? at::addcmul(channel_view(*shift, x.dim()), x, s) : at::mul(x, s);
   }
   return at::batch_norm(x, scale, shift, zeros, ones, false, 0.0, 0.0, false);
 }
@@ -187,11 +192,10 @@ struct MABNTrain : public torch::autograd::Function<MABNTrain> {
     });
     torch::autograd::impl::bump_version(buffer_gz);
     if (ctx->needs_input_grad(0)) {
-      std::vector<int64_t> shape(x.dim(), 1);
-      shape[1] = -1;
       Tensor scale = coeffs[kScale];
       if (scale.scalar_type() != x.scalar_type()) scale = scale.to(x.scalar_type());
-      out[0] = affine(x, k, std::nullopt, zeros, ones).addcmul_(dy, scale.view(shape));
+      out[0] = affine(x, k, std::nullopt, zeros, ones)
+                   .addcmul_(dy, channel_view(scale, x.dim()));
     }
     if (weight) {
       out[1] = dw;
