@@ -22,18 +22,18 @@ SYNTHETIC_DIR := data/synthetic
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py mmdet_bnplug/norms/csrc/mabn_cpu.cpp Makefile
+$(STAMP): pyproject.toml setup.py mmdet_bnplug/ops/csrc/mabn_cpu.cpp Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install '$(TORCH_SPEC)' '$(SETUPTOOLS_SPEC)' wheel ninja numpy
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \
 		MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$$(nproc) \
 		$(PIP) install --no-build-isolation '$(MMCV_SPEC)'
 	$(PIP) install --no-build-isolation -e '.[dev]'
-	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.norms.mabn as m; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; MABN compiled CPU step:', m._mabn_cpu is not None)"
+	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.layers.mabn as m; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; MABN compiled CPU step:', m._mabn_cpu is not None)"
 	touch $(STAMP)
 
 # regenerated when the generator changes
-$(SYNTHETIC_DIR)/annotations/val.json: mmdet_bnplug/synthetic.py tools/make_synthetic.py | $(STAMP)
+$(SYNTHETIC_DIR)/annotations/val.json: mmdet_bnplug/testing/synthetic.py tools/make_synthetic.py | $(STAMP)
 	$(PY) tools/make_synthetic.py $(SYNTHETIC_DIR)
 
 data: $(SYNTHETIC_DIR)/annotations/val.json

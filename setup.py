@@ -1,4 +1,4 @@
-"""Builds MABN's compiled CPU training step (mmdet_bnplug/norms/csrc/mabn_cpu.cpp).
+"""Builds MABN's compiled CPU training step (mmdet_bnplug/ops/csrc/mabn_cpu.cpp).
 
 Everything else is declared in pyproject.toml. The extension needs torch at build time
 (``pip install --no-build-isolation``) and a C++17 compiler, both of which mmcv's build
@@ -28,8 +28,8 @@ else:
                 warnings.warn(f'mmdet-bnplug: building {ext.name} failed ({err}); MABN '
                               f'on CPU falls back to its PyTorch step')
 
-    ext_modules = [CppExtension('mmdet_bnplug.norms._mabn_cpu',
-                                ['mmdet_bnplug/norms/csrc/mabn_cpu.cpp'],
+    ext_modules = [CppExtension('mmdet_bnplug.ops._mabn_cpu',
+                                ['mmdet_bnplug/ops/csrc/mabn_cpu.cpp'],
                                 extra_compile_args=['-O3'])]
     cmdclass = {'build_ext': OptionalBuildExtension.with_options(use_ninja=False)}
 

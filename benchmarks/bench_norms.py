@@ -53,9 +53,9 @@ from torch.profiler import ProfilerActivity, profile
 from bench_utils import (DEFAULT_REPEATS, agree_on_most_calls, benchmark_parser,
                          grouped_bars, interleaved_medians, markdown_table, pyplot,
                          run_info, run_on_gloo, save_figure, write_text)
-from mmdet_bnplug.norms.eval_bn import EvalBN
-from mmdet_bnplug.norms.mabn import MABN
-from mmdet_bnplug.norms.portable_sync_bn import PortableSyncBN
+from mmdet_bnplug.layers.eval_bn import EvalBN
+from mmdet_bnplug.layers.mabn import MABN
+from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN
 
 # (label, shape): every distinct BN input shape of RetinaNet R50 + FPN at batch 2
 SHAPES = [

@@ -12,7 +12,7 @@ warm-up and renorm start, the steady state of most of a schedule.
 training loop runs per iteration without data loading: data preprocessing, forward,
 losses, backward, gradient clipping and the AdamW step of the config's optim_wrapper.
 Every variant sees the same batches of ``--batch-size`` synthetic images (128x128, with
-their boxes, made in memory by ``mmdet_bnplug.synthetic``); the same batch size for all
+their boxes, made in memory by ``mmdet_bnplug.testing.synthetic``); the same batch size for all
 variants, so that only the norm differs. Variants run interleaved (one iteration each
 per round, order rotated) after three untimed iterations each; the median over
 ``--repeats`` rounds is divided by the BN toy's. With ``--sync-procs`` N > 1, N gloo
@@ -24,7 +24,7 @@ the ratio is to the BN toy under the same DDP.
 and affine set to random values (so that folding has something to fold; layers with their
 own eval map, MABN, keep ``running_mean`` at 0), timed on a batch of ``--batch-size``
 images from input tensor to the head's outputs (``mode='tensor'``: no box decoding or
-NMS, which fusing does not touch), unfused and after ``mmdet_bnplug.convert.fuse_norm``,
+NMS, which fusing does not touch), unfused and after ``mmdet_bnplug.transforms.convert.fuse_norm``,
 interleaved, each sample timing enough forwards for about 0.5 s. Reported: ratios, the
 speed-up, and the largest absolute difference between the outputs of the two (with the
 largest output magnitude for scale).
@@ -48,10 +48,10 @@ from mmengine.structures import InstanceData
 from bench_utils import (DEFAULT_REPEATS, benchmark_parser, grouped_bars,
                          interleaved_medians, markdown_table, pyplot, run_info,
                          run_on_gloo, save_figure, write_text)
-from mmdet_bnplug.bn_like import bn_like_layers
-from mmdet_bnplug.convert import fuse_norm
-from mmdet_bnplug.norms.mabn import MABN
-from mmdet_bnplug.synthetic import SyntheticSpec, make_image
+from mmdet_bnplug.utils.bn_like import bn_like_layers
+from mmdet_bnplug.transforms import fuse_norm
+from mmdet_bnplug.layers.mabn import MABN
+from mmdet_bnplug.testing.synthetic import SyntheticSpec, make_image
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_{}_toy.py')

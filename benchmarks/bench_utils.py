@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from gloo_spawn import run_gloo
+from mmdet_bnplug.testing.gloo import run_gloo
 
 # bounds of a multi-process benchmark (s): the whole run, and any one collective
 RUN_TIMEOUT_S = 3600

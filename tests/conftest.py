@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
-from mmdet_bnplug.synthetic import SyntheticSpec, generate
+from mmdet_bnplug.testing.synthetic import SyntheticSpec, generate
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# the tools' own support modules (run_config, checkpoint_io) are imported as the tools do
+sys.path.insert(0, osp.join(REPO, 'tools'))
 TOY_BN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_bn_toy.py')
 
 
@@ -27,7 +29,7 @@ def one_thread():
 def mabn_path(request, monkeypatch):
     """Runs a test on each of MABN's CPU training paths: 'compiled' (csrc/mabn_cpu.cpp,
     which must be built) and 'pytorch' (_MABNFunction, the path of every other device)."""
-    from mmdet_bnplug.norms import mabn
+    from mmdet_bnplug.layers import mabn
     if request.param == 'pytorch':
         monkeypatch.setattr(mabn, '_mabn_cpu', None)
         monkeypatch.setattr(mabn, '_warn_not_compiled', lambda: None)
@@ -43,6 +45,28 @@ def tiny_synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp('synthetic')
     generate(str(root), num_train=16, num_val=8, seed=3, spec=SyntheticSpec())
     return str(root)
+
+
+# a few iterations of a toy config, every stage still run (validation, checkpoint, logs)
+SHORT = ['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
+         'default_hooks.checkpoint.interval=4', 'default_hooks.logger.interval=1',
+         'train_dataloader.batch_size=4', 'train_dataloader.num_workers=0',
+         'train_dataloader.persistent_workers=False', 'val_dataloader.num_workers=0',
+         'val_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',
+         'test_dataloader.persistent_workers=False',
+         # an untrained RetinaNet scores about its prior, 0.01: keep every box
+         'model.test_cfg.score_thr=0.0']
+
+
+@pytest.fixture(scope='session')
+def trained_toy(tiny_synthetic, tmp_path_factory):
+    """The BN toy trained for 4 iterations by tools/train.py on ``tiny_synthetic``:
+    ``(dataset root, work dir, checkpoint path)``."""
+    work_dir = str(tmp_path_factory.mktemp('trained_toy'))
+    result = run_tool(['tools/train.py', TOY_BN_CONFIG, '--work-dir', work_dir,
+                       '--cfg-options', *SHORT, *data_root_options(tiny_synthetic)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tiny_synthetic, work_dir, osp.join(work_dir, 'iter_4.pth')
 
 
 def data_root_options(root):

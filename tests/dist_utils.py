@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
-from benchmarks.gloo_spawn import run_gloo as run_distributed  # noqa: F401
+from mmdet_bnplug.testing.gloo import run_gloo as run_distributed  # noqa: F401
 
 # public collectives a layer could call; ``count_collectives`` wraps the ones that exist
 COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor', 'all_gather_single',

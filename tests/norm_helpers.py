@@ -1,11 +1,10 @@
 """Shared test helpers: random BN states and stand-ins for the MABN/ConvWC protocols."""
 import torch
 import torch.nn.functional as F
-from mmengine.registry import MODELS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdet_bnplug.bn_like import bn_like_layers
+from mmdet_bnplug.utils.bn_like import bn_like_layers
 
 
 def randomise_norms(model, seed=0):
@@ -29,7 +28,6 @@ def max_rel_err(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-@MODELS.register_module(force=True)
 class StandInMABN(_BatchNorm):
     """Follows MABN's protocol only: eval map ``w * x / sqrt(running_var + eps) + b``."""
 

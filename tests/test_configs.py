@@ -9,7 +9,7 @@ from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 
 from conftest import REPO
-from mmdet_bnplug.run_config import check_norm_types
+from run_config import check_norm_types
 
 CONFIGS = sorted(glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True))
 

@@ -7,8 +7,8 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401  (registers the layers)
-from mmdet_bnplug.conv_wc import ConvWC
-from mmdet_bnplug.norms.mabn import MABN
+from mmdet_bnplug.layers.conv_wc import ConvWC
+from mmdet_bnplug.layers.mabn import MABN
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 

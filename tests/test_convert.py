@@ -7,9 +7,9 @@ from mmengine.registry import MODELS
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401
-from mmdet_bnplug.bn_like import bn_like_layers
-from mmdet_bnplug.convert import convert_norm
-from mmdet_bnplug.norms.eval_bn import EvalBN
+from mmdet_bnplug.utils.bn_like import bn_like_layers
+from mmdet_bnplug.transforms import convert_norm
+from mmdet_bnplug.layers.eval_bn import EvalBN
 from norm_helpers import StandInMABN, max_rel_err, randomise_norms
 
 
@@ -76,7 +76,7 @@ def test_mabn_protocol_paths():
     """Targets with from_batchnorm / sources with batchnorm_state (MABN's protocol)."""
     model = resnet()
     expected = eval_out(model, X)
-    convert_norm(model, 'StandInMABN', include='layer*')
+    convert_norm(model, StandInMABN, include='layer*')
     assert type(model.layer1[0].bn1) is StandInMABN and type(model.bn1) is nn.BatchNorm2d
     assert model.layer1[0].bn1.running_mean.abs().max() == 0  # folded into the bias
     torch.testing.assert_close(eval_out(model, X), expected, rtol=1e-5, atol=1e-6)
@@ -124,9 +124,7 @@ def test_clear_errors():
 
 
 def test_real_mabn_and_portable_sync_bn():
-    """The same paths with the real layers (skipped until they are on this branch)."""
-    pytest.importorskip('mmdet_bnplug.norms.mabn')
-    pytest.importorskip('mmdet_bnplug.norms.portable_sync_bn')
+    """The same paths with the real layers."""
     model = resnet()
     expected = eval_out(model, X)
     convert_norm(model, 'PortableSyncBN')

@@ -3,16 +3,7 @@ import os
 
 import torch
 
-from conftest import TOY_BN_CONFIG, data_root_options, run_tool
-
-SHORT = ['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
-         'default_hooks.checkpoint.interval=4', 'default_hooks.logger.interval=1',
-         'train_dataloader.batch_size=4', 'train_dataloader.num_workers=0',
-         'train_dataloader.persistent_workers=False', 'val_dataloader.num_workers=0',
-         'val_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',
-         'test_dataloader.persistent_workers=False',
-         # an untrained RetinaNet scores about its prior, 0.01: keep every box
-         'model.test_cfg.score_thr=0.0']
+from conftest import SHORT, TOY_BN_CONFIG, data_root_options, run_tool
 
 
 def test_train_save_evaluate_and_resume(tiny_synthetic, tmp_path):

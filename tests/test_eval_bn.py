@@ -6,7 +6,7 @@ from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401  (registers EvalBN)
-from mmdet_bnplug.norms.eval_bn import EvalBN
+from mmdet_bnplug.layers.eval_bn import EvalBN
 
 
 def random_state(layer, seed=0):
@@ -205,7 +205,7 @@ def test_registry_resolution(scope):
 
 def test_mmengine_sync_bn_conversion_keeps_it():
     """The trap: cfg.sync_bn makes mmengine's Runner replace every _BatchNorm by torch
-    SyncBatchNorm. The plugin's layers survive it (mmdet_bnplug.sync_bn_conversion):
+    SyncBatchNorm. The plugin's layers survive it (mmdet_bnplug.patches.sync_bn_conversion):
     EvalBN stays EvalBN, frozen even in training mode without norm_eval.
     """
     from mmdet.models.backbones import ResNet

@@ -8,8 +8,7 @@ import os.path as osp
 import torch
 from mmengine.config import Config
 
-from conftest import REPO, TOY_BN_CONFIG, data_root_options, run_tool
-from test_end_to_end import SHORT
+from conftest import REPO, SHORT, TOY_BN_CONFIG, data_root_options, run_tool
 
 TOY_EVALBN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_evalbn_toy.py')
 

@@ -9,8 +9,8 @@ from mmdet.models.layers import FrozenBatchNorm2d
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401
-from mmdet_bnplug.bn_like import bn_like_layers
-from mmdet_bnplug.convert import convert_norm, fuse_norm
+from mmdet_bnplug.utils.bn_like import bn_like_layers
+from mmdet_bnplug.transforms import convert_norm, fuse_norm
 from norm_helpers import StandInConvWC, StandInMABN, max_rel_err, randomise_norms
 
 
@@ -27,7 +27,7 @@ def fused_vs_plain(model, x):
 
 
 @pytest.mark.parametrize('norm', ['BN', 'EvalBN', 'SyncBN', FrozenBatchNorm2d,
-                                  'StandInMABN'])
+                                  StandInMABN])
 def test_resnet_every_norm_folds(norm):
     model = ResNet(18, out_indices=(0, 1, 2, 3), norm_cfg=dict(type=norm))
     fused, err = fused_vs_plain(model, torch.randn(2, 3, 64, 64))
@@ -41,7 +41,7 @@ def test_resnet_deep_stem_avg_down_and_mixed_norms():
     randomise_norms(model)
     convert_norm(model, 'EvalBN', include='layer1.*')
     convert_norm(model, 'mmdet.FrozenBN', include='layer2.*')
-    convert_norm(model, 'StandInMABN', include='stem.*')
+    convert_norm(model, StandInMABN, include='stem.*')
     fused, err = fused_vs_plain(model, torch.randn(2, 3, 64, 64))
     assert err < 1e-5 and not bn_like_layers(fused)
     assert isinstance(fused.layer2[0].downsample[2], nn.Identity)  # AvgPool, conv, norm
@@ -84,9 +84,7 @@ def test_1d_3d_and_what_is_left_alone(caplog):
 
 
 def test_real_convwc_and_mabn_resnet():
-    """ResNet with the real ConvWC + MABN (skipped until they are on this branch)."""
-    pytest.importorskip('mmdet_bnplug.norms.mabn')
-    pytest.importorskip('mmdet_bnplug.conv_wc')
+    """ResNet with the real ConvWC + MABN."""
     model = ResNet(18, out_indices=(0, 1, 2, 3), conv_cfg=dict(type='ConvWC'),
                    norm_cfg=dict(type='MABN'))
     fused, err = fused_vs_plain(model, torch.randn(2, 3, 64, 64))

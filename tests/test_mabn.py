@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdet_bnplug.norms.mabn import MABN
+from mmdet_bnplug.layers.mabn import MABN
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'mabn_path')  # tiny tensors
 

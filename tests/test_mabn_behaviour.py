@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import mmdet_bnplug  # noqa: F401  (registers the layers)
-from mmdet_bnplug.conv_wc import ConvWC
-from mmdet_bnplug.norms.mabn import MABN
+from mmdet_bnplug.layers.conv_wc import ConvWC
+from mmdet_bnplug.layers.mabn import MABN
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'mabn_path')  # tiny tensors
 
@@ -208,8 +208,8 @@ def test_both_paths_share_their_state(monkeypatch):
     """Switching paths mid-training (e.g. moving a CPU-trained model to a GPU) continues
     the same run: every statistic lives in the buffers. Float64: the two paths round
     differently only in the last bits."""
-    from mmdet_bnplug.norms import _mabn_cpu as compiled
-    from mmdet_bnplug.norms import mabn
+    from mmdet_bnplug.ops import _mabn_cpu as compiled
+    from mmdet_bnplug.layers import mabn
 
     def run(paths):
         torch.manual_seed(0)

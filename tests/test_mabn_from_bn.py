@@ -5,8 +5,9 @@ from mmdet.registry import MODELS
 from mmengine.runner.checkpoint import save_checkpoint
 
 import mmdet_bnplug  # noqa: F401  (registers the layers)
-from mmdet_bnplug.mabn_from_bn import bn_equivalent, main, output_change
-from mmdet_bnplug.norms.mabn import MABN
+from mabn_from_bn import main
+from mmdet_bnplug.transforms.mabn_from_bn import bn_equivalent, output_change
+from mmdet_bnplug.layers.mabn import MABN
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 

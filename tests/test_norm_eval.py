@@ -8,11 +8,10 @@ from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401  (registers NormEval, EvalBN)
-from mmdet_bnplug.bn_like import bn_like_layers
-from mmdet_bnplug.norm_eval import NormEvalMixin, apply_norm_eval
+from mmdet_bnplug.utils.bn_like import bn_like_layers
+from mmdet_bnplug.layers.norm_eval import NormEvalMixin, apply_norm_eval
 
 
-@MODELS.register_module(force=True)
 class _PlainBackbone(nn.Module):
     """A backbone with no norm_eval of its own, mixing every BN-like kind, nested."""
 
@@ -41,7 +40,7 @@ BACKBONES = {
     # EfficientNet's own norm_eval only recognises nn.BatchNorm2d
     'EfficientNet': dict(type='EfficientNet', arch='b0', out_indices=(2, ),
                          norm_cfg=dict(type='EvalBN', eps=1e-3)),
-    'plain': dict(type='_PlainBackbone'),
+    'plain': dict(type=_PlainBackbone),
 }
 
 

@@ -7,7 +7,7 @@ from mmengine.registry import HOOKS, MODELS
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401
-from mmdet_bnplug.norm_report import frozen_layers, inspect_norms, norm_table
+from mmdet_bnplug.analysis.norm_report import frozen_layers, inspect_norms, norm_table
 from norm_helpers import randomise_norms
 
 

@@ -43,14 +43,14 @@ def test_custom_imports_alone_registers_everything():
 def test_mabn_compiled_cpu_step_is_built():
     """The install builds MABN's compiled CPU step (setup.py); without it training on
     CPU is slow on small maps, so a missing build fails here rather than passing by."""
-    from mmdet_bnplug.norms import mabn
+    from mmdet_bnplug.layers import mabn
     assert mabn._mabn_cpu is not None, 'reinstall with: pip install --no-build-isolation -e .'
 
 
 def test_mabn_without_compiled_step_warns_once(monkeypatch):
     import torch
 
-    from mmdet_bnplug.norms import mabn
+    from mmdet_bnplug.layers import mabn
     monkeypatch.setattr(mabn, '_mabn_cpu', None)
     mabn._warn_not_compiled.cache_clear()
     layer = mabn.MABN(2)

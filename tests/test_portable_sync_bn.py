@@ -8,7 +8,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.registry import DefaultScope
 from torch import nn
 
-from mmdet_bnplug.norms.portable_sync_bn import (PortableSyncBN, _GlobalBatchNorm,
+from mmdet_bnplug.layers.portable_sync_bn import (PortableSyncBN, _GlobalBatchNorm,
                                                  global_batch_stats)
 
 C = 4

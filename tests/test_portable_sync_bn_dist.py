@@ -12,7 +12,7 @@ import torch.distributed as dist
 from dist_utils import CollectiveCounter, run_distributed
 from torch import nn
 
-from mmdet_bnplug.norms.portable_sync_bn import PortableSyncBN, _process_group
+from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN, _process_group
 
 C, SPATIAL, MOMENTUM, STEPS = 3, (4, 5), 0.3, 2
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}

@@ -12,8 +12,8 @@ from mmengine.registry import MODELS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdet_bnplug import sync_bn_conversion
-from mmdet_bnplug.norms.portable_sync_bn import PortableSyncBN
+from mmdet_bnplug.patches import sync_bn_conversion
+from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN
 
 
 class UserSyncBN(PortableSyncBN):

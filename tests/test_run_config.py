@@ -8,7 +8,7 @@ from mmengine.config import Config
 import torch.distributed as dist
 from conftest import TOY_BN_CONFIG, run_tool
 from dist_utils import run_distributed
-from mmdet_bnplug.run_config import (add_common_args, check_datasets, check_norm_types,
+from run_config import (add_common_args, check_datasets, check_norm_types,
                                      close_distributed, load_config)
 
 

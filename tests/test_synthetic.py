@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from mmdet_bnplug.synthetic import (CLASSES, SyntheticSpec, _background, make_image,
+from mmdet_bnplug.testing.synthetic import (CLASSES, SyntheticSpec, _background, make_image,
                                     write_split)
 
 

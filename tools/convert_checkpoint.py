@@ -4,21 +4,21 @@
         [--to-options k=v ...] [--include GLOB ...] [--exclude GLOB ...] [--cfg-options ...]
 
 Builds the model of CONFIG (default: the config stored in CKPT), loads CKPT strictly,
-converts the selected BN-like layers with ``mmdet_bnplug.convert.convert_norm`` and saves
-the weights to OUT (``state_dict`` + ``meta``; no optimizer state). Use OUT as
+converts the selected BN-like layers with ``mmdet_bnplug.transforms.convert_norm`` and saves
+the weights to OUT (``state_dict`` + ``meta``; no optimizer state), atomically; OUT may
+not be the input (or a link to it). Use OUT as
 ``load_from`` with a config whose ``norm_cfg`` has the new type.
 """
 import argparse
-import os
 import os.path as osp
 
-import torch
 from mmengine.config import DictAction
 from mmengine.runner.checkpoint import weights_to_cpu
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin)
-from mmdet_bnplug.convert import convert_norm
-from mmdet_bnplug.norm_report import format_norm_table, load_model, norm_table
+from checkpoint_io import check_output_path, load_model, save_atomic
+from mmdet_bnplug.analysis.norm_report import format_norm_table, norm_table
+from mmdet_bnplug.transforms import convert_norm
 
 
 def parse_args(argv=None):
@@ -37,8 +37,10 @@ def parse_args(argv=None):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value pairs')
     args = parser.parse_args(argv)
-    if osp.abspath(args.out) == osp.abspath(args.checkpoint):
-        parser.error('OUT must differ from the input checkpoint')
+    try:
+        check_output_path(args.out, [args.checkpoint, args.config])
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -51,8 +53,8 @@ def main(argv=None):
     meta = {k: v for k, v in ckpt.get('meta', {}).items() if k != 'cfg'}
     meta['norm_conversion'] = dict(source=osp.basename(args.checkpoint), to=to,
                                    include=args.include, exclude=args.exclude)
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    torch.save(dict(meta=meta, state_dict=weights_to_cpu(model.state_dict())), args.out)
+    save_atomic(dict(meta=meta, state_dict=weights_to_cpu(model.state_dict())), args.out,
+                inputs=[args.checkpoint, args.config])
     print(format_norm_table(norm_table(model)))
     print(f'saved {args.out}')
 

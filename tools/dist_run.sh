@@ -3,6 +3,10 @@
 # with torchrun and --launcher pytorch (gloo without CUDA, nccl with it). NNODES,
 # NODE_RANK, MASTER_ADDR, PORT and PYTHON are read from the environment.
 set -euo pipefail
+if [[ $# -lt 2 || ! "$2" =~ ^[1-9][0-9]*$ ]]; then
+    echo "usage: tools/dist_run.sh SCRIPT NPROC [args...]  (NPROC: a positive integer)" >&2
+    exit 2
+fi
 SCRIPT=$1
 NPROC=$2
 shift 2

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Distributed training: tools/dist_train.sh CONFIG NPROC [train.py args...]
 set -euo pipefail
+if [[ $# -lt 2 ]]; then
+    echo "usage: tools/dist_train.sh CONFIG NPROC [train.py args...]" >&2
+    exit 2
+fi
 CONFIG=$1
 NPROC=$2
 shift 2

@@ -16,8 +16,9 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin)
-from mmdet_bnplug.norm_report import inspect_norms, load_model
-from mmdet_bnplug.run_config import check_datasets
+from checkpoint_io import load_model
+from mmdet_bnplug.analysis.norm_report import inspect_norms
+from run_config import check_datasets
 
 
 def parse_args(argv=None):

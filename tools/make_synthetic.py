@@ -2,7 +2,7 @@
 [OUT_DIR] [--num-train N] [--num-val N] [--image-size PX] [--seed S]``."""
 import argparse
 
-from mmdet_bnplug.synthetic import SyntheticSpec, generate
+from mmdet_bnplug.testing.synthetic import SyntheticSpec, generate
 
 
 def main(argv=None):

@@ -4,8 +4,7 @@ import argparse
 import os.path as osp
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
-from mmdet_bnplug.run_config import (add_common_args, build_runner, check_datasets,
-                                     close_distributed, load_config)
+from run_config import add_common_args, build_runner, check_datasets, close_distributed, load_config
 
 
 def parse_args(argv=None):

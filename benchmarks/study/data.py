@@ -1,6 +1,6 @@
 """Classification images for the study, generated in memory from the synthetic shapes.
 
-Each image is ``mmdet_bnplug.synthetic.make_image`` at 32x32 with exactly one annotated
+Each image is ``mmdet_bnplug.testing.synthetic.make_image`` at 32x32 with exactly one annotated
 shape (five classes: circle, square, triangle, ring, cross) on a random texture with
 unannotated clutter (lines, dots the size of a small circle); the label is the shape's
 class. Deterministic for a seed; cached per process.
@@ -10,7 +10,7 @@ import functools
 import numpy as np
 import torch
 
-from mmdet_bnplug.synthetic import CLASSES, SyntheticSpec, make_image
+from mmdet_bnplug.testing.synthetic import CLASSES, SyntheticSpec, make_image
 
 NUM_CLASSES = len(CLASSES)
 # fixed normalisation of uint8 pixels: (x / 255 - 0.5) / 0.25

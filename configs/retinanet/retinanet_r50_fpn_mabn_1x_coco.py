@@ -4,7 +4,7 @@
 # momentum=0.02 (PyTorch sense, i.e. the paper's 0.98 decay).
 # Initialisation: the torchvision BN checkpoint of mmdet's config loads with MABN's
 # eval-exact statistics mapping, but ConvWC's kernel centring moves the outputs (measure
-# with `python -m mmdet_bnplug.mabn_from_bn`). The paper starts from a backbone
+# with `python tools/mabn_from_bn.py`). The paper starts from a backbone
 # pre-trained with ConvWC + MABN: point init_cfg.checkpoint at one when you have it.
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmdet_bnplug'], allow_failed_imports=False)

@@ -1,23 +1,15 @@
-"""Convert BN-like layers between registered types, and fold them into convs.
-
-``convert_norm`` swaps layers in place (BN <-> EvalBN <-> PortableSyncBN <-> MABN <->
-mmdet FrozenBN, ...), carrying statistics and affine over. ``fuse_norm`` folds every norm
-that follows a plain convolution into it, for inference.
-"""
+"""Convert BN-like layers between registered types, in place (BN <-> EvalBN <->
+PortableSyncBN <-> MABN <-> mmdet FrozenBN, ...), carrying statistics and affine over."""
 import fnmatch
 import inspect
-import logging
 
 import torch
-from mmcv.cnn import ConvModule
-from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
-from mmcv.cnn.bricks.wrappers import Conv3d as MMCVConv3d
 from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import nn
 
-from .bn_like import bn_like_layers, bn_like_types, eval_affine, is_bn_like
-from .norm_eval import resolve_registered
+from ..utils.bn_like import bn_like_layers, bn_like_types, eval_affine
+from ..layers.norm_eval import resolve_registered
 
 
 def norm_targets():
@@ -131,83 +123,43 @@ def convert_norm(model: nn.Module, to, include=None, exclude=None) -> nn.Module:
     ``to`` sets ``requires_grad``); other hyper-parameters (``momentum``, ...) take the
     target's defaults or the kwargs in ``to``. Targets with ``from_batchnorm`` (MABN)
     are built through it; sources with ``batchnorm_state`` give their BN-equivalent
-    state. The largest change of any layer's eval-mode map is logged.
+    state. When MABN layers become another type, every ConvWC of the model stores its
+    centred kernel (:func:`centre_conv_wc_weights`), so that the converted weights are
+    exact in a plain-conv config too. The largest change of any layer's eval-mode map
+    is logged.
     """
     cls, kwargs, requires_grad = _resolve_target(to)
-    old_to_new, changes = {}, []
+    old_to_new, changes, from_mabn = {}, [], False
     for name in _select(model, include, exclude):
         src = model.get_submodule(name)
+        from_mabn |= hasattr(src, 'eval_scale_shift')
         old_to_new[id(src)] = dst = _convert_layer(src, cls, kwargs, requires_grad)
         changes.append((_map_change(src, dst), name or '<root>'))
     worst, where = max(changes)
     change = (f'largest relative change of an eval-mode map: {worst:.1e} ({where})'
               if worst > 0 else 'eval-mode maps unchanged')
+    if from_mabn and not hasattr(cls, 'from_batchnorm'):
+        baked = centre_conv_wc_weights(model)
+        if baked:
+            change += (f'; {baked} ConvWC layers now store their centred kernels (same '
+                       'outputs; the weights also load into plain convs)')
     print_log(f'convert_norm: {len(changes)} layers -> {cls.__name__}; {change}',
               logger='current')
     return _replace(model, old_to_new)
 
 
-_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, MMCVConv2d, MMCVConv3d)
+def centre_conv_wc_weights(model: nn.Module) -> int:
+    """Store every ConvWC's centred kernel as its ``weight``, in place; the count.
 
-
-def _kernel(conv):
-    """The kernel a conv applies if it is a plain convolution of it, else None."""
-    if isinstance(conv, nn.modules.conv._ConvNd) and hasattr(conv, 'centred_weight'):
-        kernel = conv.centred_weight  # ConvWC
-        return kernel() if callable(kernel) else kernel
-    return conv.weight if type(conv) in _PLAIN_CONVS else None
-
-
-def _applied_elsewhere(parent):
-    """A ConvModule whose order does not apply its norm right after its conv."""
-    return isinstance(parent, ConvModule) and \
-        parent.order.index('norm') != parent.order.index('conv') + 1
-
-
-def _folded_conv(conv, kernel, scale, shift):
-    """A plain ``nn.ConvNd`` computing ``scale * conv(x) + shift`` (per output channel)."""
-    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[kernel.dim() - 3]
-    fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                conv.padding, conv.dilation, conv.groups, True, conv.padding_mode,
-                device=kernel.device, dtype=kernel.dtype)
-    scale, shift = scale.double(), shift.double()
-    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-    with torch.no_grad():
-        fused.weight.copy_(kernel.double() * scale.view(-1, *[1] * (kernel.dim() - 1)))
-        fused.bias.copy_(bias)
-    return fused.train(conv.training)
-
-
-def fuse_norm(model: nn.Module) -> nn.Module:
-    """Fold every foldable norm into the conv registered just before it, in place.
-
-    A norm is foldable when its eval-mode map is a fixed per-channel affine
-    (BN family, EvalBN, SyncBN, PortableSyncBN, mmdet FrozenBN; MABN and any layer with
-    ``eval_scale_shift``). The conv must be a plain ``nn.Conv1d/2d/3d`` (mmcv's wrappers
-    included) or expose ``centred_weight`` (ConvWC); it becomes a plain ``nn.ConvNd``
-    with bias and the norm an ``nn.Identity``. Relies on registration order (conv, then
-    its norm), as in mmcv ``ConvModule`` (orders other than conv-norm-... are left
-    alone), mmdet ResNet blocks and ``nn.Sequential``. For inference: the result computes the eval-mode
-    output. Norms left unfused are logged.
+    Exact: centring is idempotent, so each ConvWC computes what it computed before, and
+    a plain conv loading these weights computes the same. Used when MABN layers become
+    plain BN-like layers, whose configs usually have plain convs.
     """
-    for parent in list(model.modules()):
-        children = [(n, m) for n, m in parent._modules.items() if m is not None]
-        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
-            if not (is_bn_like(norm) or hasattr(norm, 'eval_scale_shift')):
-                continue
-            kernel = _kernel(conv)
-            if kernel is None or _applied_elsewhere(parent) or \
-                    getattr(norm, 'running_var', 0) is None or \
-                    kernel.shape[0] != norm.num_features:
-                continue
-            with torch.no_grad():
-                scale, shift = eval_affine(norm)
-            setattr(parent, conv_name, _folded_conv(conv, kernel, scale, shift))
-            setattr(parent, norm_name, nn.Identity())
-    left = [n for n, m in model.named_modules()
-            if is_bn_like(m) or hasattr(m, 'eval_scale_shift')]
-    if left:
-        print_log(f'fuse_norm: {len(left)} norm layers not fused (no plain conv '
-                  f'registered just before them): {", ".join(left)}', logger='current',
-                  level=logging.WARNING)
-    return model
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.conv._ConvNd) and \
+                    hasattr(module, 'centred_weight'):
+                module.weight.copy_(module.centred_weight)
+                count += 1
+    return count

@@ -1,10 +1,12 @@
 """NormEvalCheckHook: fail (or warn) when a layer meant to be frozen is not."""
+import fnmatch
+
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..bn_like import layer_state
-from ..norm_report import changed_buffers, frozen_by_type, frozen_layers
+from ...utils.bn_like import bn_like_layers, layer_state
+from ...analysis.norm_report import changed_buffers, frozen_by_type, frozen_layers
 
 
 @HOOKS.register_module()
@@ -29,7 +31,7 @@ class NormEvalCheckHook(Hook):
     priority = 'LOW'
 
     def __init__(self, interval=50, action='error', include=()):
-        if not (isinstance(interval, int) and interval > 0):
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f'NormEvalCheckHook: interval must be a positive int, got '
                              f'{interval!r}')
         if action not in ('error', 'warn'):
@@ -38,10 +40,18 @@ class NormEvalCheckHook(Hook):
         self.interval = interval
         self.action = action
         self.include = [include] if isinstance(include, str) else list(include)
+        if not all(isinstance(p, str) and p for p in self.include):
+            raise ValueError('NormEvalCheckHook: include must be a glob pattern or a list '
+                             f'of them (non-empty strings), got {include!r}')
         self._watched = {}
 
     def before_train(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        names = [name for name, _ in bn_like_layers(model)]
+        for pattern in self.include:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ValueError(f'NormEvalCheckHook: include pattern {pattern!r} matches '
+                                 f'no BN-like layer; layers are e.g. {names[:3]}')
         frozen = frozen_layers(model, self.include)
         self._watched = {name: (model.get_submodule(name), why,
                                 layer_state(model.get_submodule(name)))

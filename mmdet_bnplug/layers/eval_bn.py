@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import check_bn_args
+
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Below this many input elements the native kernel's saved input is negligible and
@@ -53,6 +55,7 @@ class EvalBN(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None):
+        check_bn_args('EvalBN', num_features, eps, momentum, affine, track_running_stats)
         if not track_running_stats:
             raise ValueError('EvalBN normalises with its running statistics: '
                              'track_running_stats must be True, got False')

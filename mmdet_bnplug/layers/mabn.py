@@ -17,10 +17,12 @@ from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import check_bool, check_int, check_real
+
 _bn_backward = torch.ops.aten.native_batch_norm_backward
 
 try:  # the compiled CPU training step, built at install time (setup.py)
-    from . import _mabn_cpu
+    from ..ops import _mabn_cpu
 except ImportError:
     _mabn_cpu = None
 
@@ -72,7 +74,7 @@ def _ring_mean(buffer: torch.Tensor, consts: _Consts) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _warn_not_compiled() -> None:
     """Warn once that the compiled CPU step is missing (see setup.py)."""
-    warnings.warn("MABN: the compiled CPU step (mmdet_bnplug.norms._mabn_cpu) is not "
+    warnings.warn("MABN: the compiled CPU step (mmdet_bnplug.ops._mabn_cpu) is not "
                   "built, training on CPU uses the PyTorch step: same results, slower on "
                   "small feature maps. Reinstall with a C++ compiler: pip install "
                   "--no-build-isolation -e <mmdet-bnplug checkout>")
@@ -138,17 +140,6 @@ class _MABNFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f'MABN: {name} must be an integer >= {minimum}, '
-                         f'got {value!r}')
-
-
-def _check_real(name: str, value, ok, accepted: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f'MABN: {name} must be {accepted}, got {value!r}')
-
-
 @MODELS.register_module()
 class MABN(_BatchNorm):
     """Moving-average batch normalisation for inputs ``(N, C, *)``.
@@ -157,7 +148,8 @@ class MABN(_BatchNorm):
         num_features (int): C.
         eps (float): added to the second moment, > 0. Default 1e-5.
         momentum (float): PyTorch's sense, the weight of the *new* value in
-            ``running_var = (1 - momentum) * running_var + momentum * s2``, in (0, 1].
+            ``running_var = (1 - momentum) * running_var + momentum * s2``, in (0, 0.5]
+            or 1 (values in (0.5, 1) are refused: they look like the paper's decay).
             Default 0.02, i.e. the paper's decay of 0.98.
         affine (bool): learn a per-channel weight and bias. Default True.
         buffer_size (int): B, iterations averaged by the SMA (paper: simulated batch
@@ -180,14 +172,20 @@ class MABN(_BatchNorm):
                  affine: bool = True, buffer_size: int = 16, warmup_iters: int = 100,
                  renorm_iters: int = 1000, r_max: float = 5.0, device=None,
                  dtype=None):
-        _check_int('num_features', num_features, 1)
-        _check_real('eps', eps, lambda v: v > 0, 'a number > 0')
-        _check_real('momentum', momentum, lambda v: 0 < v <= 1,
-                    'a number in (0, 1] (PyTorch sense: weight of the new value)')
-        _check_int('buffer_size', buffer_size, 1)
-        _check_int('warmup_iters', warmup_iters, 0)
-        _check_int('renorm_iters', renorm_iters, 0)
-        _check_real('r_max', r_max, lambda v: v >= 1, 'a number >= 1')
+        check_int('MABN', 'num_features', num_features, 1)
+        check_real('MABN', 'eps', eps, lambda v: v > 0, 'a finite number > 0')
+        check_real('MABN', 'momentum', momentum, lambda v: 0 < v <= 1,
+                   'a number in (0, 1] (PyTorch sense: weight of the new value)')
+        if 0.5 < momentum < 1:
+            raise ValueError(
+                f'MABN: momentum={momentum!r} is the weight of the *new* value (PyTorch '
+                f'sense); the paper\'s decay of {momentum} is momentum={1 - momentum:.4g}. '
+                'Accepted: (0, 0.5] or 1')
+        check_bool('MABN', 'affine', affine)
+        check_int('MABN', 'buffer_size', buffer_size, 1)
+        check_int('MABN', 'warmup_iters', warmup_iters, 0)
+        check_int('MABN', 'renorm_iters', renorm_iters, 0)
+        check_real('MABN', 'r_max', r_max, lambda v: v >= 1, 'a finite number >= 1')
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.buffer_size = buffer_size
         self.warmup_iters = warmup_iters
@@ -224,6 +222,9 @@ class MABN(_BatchNorm):
             raise ValueError(f'MABN({self.num_features}) expects {self.num_features} '
                              f'channels (num_features) at dim 1, got shape '
                              f'{tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise TypeError(f'MABN({self.num_features}) expects a floating-point input, '
+                            f'got {x.dtype}')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
@@ -355,9 +356,24 @@ class MABN(_BatchNorm):
                               missing_keys, unexpected_keys, error_msgs):
         if prefix + 'running_mean' in state_dict and prefix + 'buffer_x2' not in state_dict:
             self._absorb_batchnorm_state(state_dict, prefix)
+        self._check_ring_buffers(state_dict, prefix)
         self._host.update(step=None, compiled=None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+    def _check_ring_buffers(self, state_dict, prefix) -> None:
+        """A checkpoint's ring buffers must have this layer's ``buffer_size`` rows: a
+        partial load would leave the counter out of step with zeroed buffers."""
+        for key in ('buffer_x2', 'buffer_gz'):
+            saved = state_dict.get(prefix + key)
+            if saved is not None and tuple(saved.shape) != tuple(getattr(self, key).shape):
+                raise RuntimeError(
+                    f'MABN ({prefix!r}): the checkpoint\'s {key} has shape '
+                    f'{tuple(saved.shape)}, this layer\'s {tuple(getattr(self, key).shape)} '
+                    f'(buffer_size, num_features). Set buffer_size={saved.shape[0]} in '
+                    'norm_cfg to continue the moving averages, or delete the MABN '
+                    'entries buffer_x2, buffer_gz and num_batches_tracked from the '
+                    'checkpoint to restart them')
 
     def _absorb_batchnorm_state(self, state_dict, prefix) -> None:
         """Rewrite a plain BN layer's entries of ``state_dict`` into MABN's, eval-exactly
@@ -368,7 +384,7 @@ class MABN(_BatchNorm):
         warnings.warn('MABN: loading BatchNorm statistics with the eval-exact mapping '
                       '(running_var := var + mean^2, mean absorbed into weight and '
                       'bias); counter and ring buffers restart. ConvWC layers change '
-                      'outputs approximately: measure with mmdet_bnplug.mabn_from_bn.')
+                      'outputs approximately: measure with mmdet_bnplug.transforms.mabn_from_bn.')
         mean = state_dict[prefix + 'running_mean']
         weight, bias, second_moment = _map_bn_statistics(
             state_dict.get(prefix + 'weight'), state_dict.get(prefix + 'bias'), mean,

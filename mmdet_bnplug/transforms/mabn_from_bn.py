@@ -4,24 +4,16 @@ The norms map eval-exactly (``MABN`` does it on load: ``running_var := var + mea
 the mean absorbed into weight and bias). The convolutions do not: ConvWC centres each
 kernel, which changes its output by ``mean(W[o])`` times the local sum of the input.
 This module measures that change, per layer and overall, against the BN model the
-checkpoint describes, on a sample input::
-
-    python -m mmdet_bnplug.mabn_from_bn CONFIG BN_CHECKPOINT OUT \\
-        [--submodule backbone] [--shape 1 3 800 1344]
-
-loads ``BN_CHECKPOINT`` (a path or e.g. ``torchvision://resnet50``) into the model of
-``CONFIG`` (or its ``--submodule``), prints the report and saves the converted
-checkpoint to ``OUT``.
+checkpoint describes, on a sample input; ``tools/mabn_from_bn.py`` is its command line.
 """
-import argparse
 import copy
 
 import torch
-from mmengine.runner.checkpoint import load_checkpoint, save_checkpoint
 from torch import nn
 
-from .conv_wc import ConvWC
-from .norms.mabn import MABN
+from ..layers.conv_wc import ConvWC
+from ..layers.mabn import MABN
+from ..utils.outputs import relative_change
 
 
 def bn_equivalent(model: nn.Module) -> nn.Module:
@@ -43,20 +35,6 @@ def bn_equivalent(model: nn.Module) -> nn.Module:
                 setattr(parent, name, bn.to(child.running_var).eval())
     ref.eval()  # (some mmdet modules' train() does not return self)
     return ref
-
-
-def _relative(got, want) -> float:
-    got, want = torch.cat([t.flatten() for t in got]), torch.cat([t.flatten() for t in want])
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-
-
-def _tensors(out):
-    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in _tensors(o)] if isinstance(out, (list, tuple)) else []
 
 
 @torch.no_grad()
@@ -102,10 +80,10 @@ def output_change(model: nn.Module, inputs: torch.Tensor, forward=None) -> dict:
     for name, x in captured['conv_in'].items():
         layer = modules[name]
         own = layer._conv_forward(x, layer.centred_weight, layer.bias)
-        conv[name] = _relative([own], [captured['ref'][name]])
-    norm = {n: _relative([captured['ours'][n]], [captured['ref'][n]])
+        conv[name] = relative_change(own, captured['ref'][name])
+    norm = {n: relative_change(captured['ours'][n], captured['ref'][n])
             for n in captured['ours'] if isinstance(modules[n], MABN)}
-    return dict(conv=conv, norm=norm, output=_relative(_tensors(out), _tensors(out_ref)))
+    return dict(conv=conv, norm=norm, output=relative_change(out, out_ref))
 
 
 def format_report(change: dict) -> str:
@@ -116,37 +94,3 @@ def format_report(change: dict) -> str:
     lines += [f'  {n:<40}{v:>10.4f}' for n, v in change['norm'].items()]
     lines.append(f'whole forward: {change["output"]:.4f}')
     return '\n'.join(lines)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description='Load a BN checkpoint into a ConvWC + MABN model, report how far '
-        'outputs move, save the converted checkpoint.')
-    parser.add_argument('config', help='config of the ConvWC + MABN model')
-    parser.add_argument('checkpoint', help='BN checkpoint: path or URL/torchvision://...')
-    parser.add_argument('out', help='where to save the converted checkpoint')
-    parser.add_argument('--submodule', default=None,
-                        help='load into this submodule, e.g. "backbone" for an ImageNet '
-                        'backbone checkpoint (the report then covers that submodule)')
-    parser.add_argument('--shape', type=int, nargs='+', default=[1, 3, 800, 1344],
-                        help='sample input shape (random normal, as a normalised image)')
-    args = parser.parse_args(argv)
-
-    import mmdet_bnplug  # noqa: F401  (registers the layers)
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
-    register_all_modules()
-    model = MODELS.build(Config.fromfile(args.config).model)
-    target = model.get_submodule(args.submodule) if args.submodule else model
-    load_checkpoint(target, args.checkpoint, map_location='cpu', strict=False,
-                    revise_keys=[(r'^module\.', '')])
-    inputs = torch.randn(args.shape, generator=torch.Generator().manual_seed(0))
-    print(format_report(output_change(target, inputs)))
-    save_checkpoint({'state_dict': model.state_dict(),
-                     'meta': dict(converted_from=args.checkpoint)}, args.out)
-    print(f'saved {args.out}')
-
-
-if __name__ == '__main__':
-    main()

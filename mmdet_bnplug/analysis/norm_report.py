@@ -1,25 +1,20 @@
 """Is my BN really frozen? A table of every BN-like layer, and which statistics moved.
 
-Shared by ``tools/inspect_norms.py`` and :class:`~mmdet_bnplug.hooks.NormEvalCheckHook`.
+Shared by ``tools/inspect_norms.py`` and :class:`~mmdet_bnplug.engine.hooks.NormEvalCheckHook`.
 """
 import fnmatch
-import logging
-import os.path as osp
 
 import torch
-from mmengine.config import Config
-from mmengine.logging import print_log
-from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
-from .bn_like import bn_like_layers, layer_state
+from ..utils.bn_like import bn_like_layers, layer_state
 
 
 def frozen_by_type(layer: nn.Module) -> bool:
     """Layers whose statistics cannot move in any mode: EvalBN and mmdet's FrozenBN."""
     from mmdet.models.layers import FrozenBatchNorm2d
 
-    from .norms.eval_bn import EvalBN
+    from ..layers.eval_bn import EvalBN
     return isinstance(layer, (EvalBN, FrozenBatchNorm2d))
 
 
@@ -150,39 +145,3 @@ def inspect_norms(model: nn.Module, train_step=None, iters: int = 0) -> str:
         summary.append(f'After {iters} training iteration(s) the statistics of {len(moved)} '
                        f'of {n} layers moved; {verdict}')
     return format_norm_table(rows) + '\n' + '\n'.join(summary)
-
-
-def load_model(config=None, checkpoint=None, cfg_options=None, strict=False):
-    """``(model, cfg, checkpoint)`` from a config file and/or a checkpoint file.
-
-    Without ``config``, the config mmengine's Runner stores in the checkpoint
-    (``meta['cfg']``) is used. The model is built in the config's ``default_scope``
-    (mmdet if unset), without ``init_weights``; the checkpoint's ``state_dict`` is loaded
-    into it (``strict`` as in ``load_state_dict``; otherwise mismatches are logged).
-    ``checkpoint`` in the result is the loaded checkpoint dict (or None).
-    """
-    ckpt = None
-    if checkpoint is not None:
-        if not osp.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint file not found: {checkpoint!r}')
-        ckpt = torch.load(checkpoint, map_location='cpu')
-    if config is not None:
-        if not osp.isfile(config):
-            raise FileNotFoundError(f'config file not found: {config!r}')
-        cfg = Config.fromfile(config)
-    elif ckpt is not None and 'cfg' in ckpt.get('meta', {}):
-        cfg = Config.fromstring(ckpt['meta']['cfg'], file_format='.py')
-    else:
-        raise ValueError('a config is needed: none given and the checkpoint stores none '
-                         "(meta['cfg'])")
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
-        model = MODELS.build(cfg.model)
-    if ckpt is not None:
-        result = model.load_state_dict(ckpt.get('state_dict', ckpt), strict=strict)
-        if result.missing_keys or result.unexpected_keys:
-            print_log(f'checkpoint/model mismatch: missing {result.missing_keys}, '
-                      f'unexpected {result.unexpected_keys}', logger='current',
-                      level=logging.WARNING)
-    return model, cfg, ckpt

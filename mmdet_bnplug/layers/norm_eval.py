@@ -1,7 +1,7 @@
 """An enforced ``norm_eval`` for any backbone: ``NormEvalMixin`` and the ``NormEval`` builder.
 
 mmdet backbones implement ``norm_eval`` in ``train()`` only, and some only for
-``nn.BatchNorm2d``. The mixin covers every BN-like layer (:mod:`mmdet_bnplug.bn_like`)
+``nn.BatchNorm2d``. The mixin covers every BN-like layer (:mod:`mmdet_bnplug.utils.bn_like`)
 found by walking ``modules()``, and each such layer re-asserts eval mode before its own
 forward, so a later ``.train()`` call on a submodule cannot let statistics move.
 """
@@ -11,7 +11,8 @@ import inspect
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
-from .bn_like import bn_like_types
+from ..utils.bn_like import bn_like_types
+from ._checks import check_bool
 
 
 _MARK = '_bnplug_norm_eval'  # per-layer flag read by the layer's own forward pre-hook
@@ -64,6 +65,8 @@ class NormEvalMixin:
     """
 
     def __init__(self, *args, norm_eval=True, freeze_affine=False, **kwargs):
+        check_bool(f'NormEval({type(self).__name__})', 'norm_eval', norm_eval)
+        check_bool(f'NormEval({type(self).__name__})', 'freeze_affine', freeze_affine)
         if 'norm_eval' in inspect.signature(super().__init__).parameters:
             kwargs['norm_eval'] = norm_eval
         super().__init__(*args, **kwargs)
@@ -121,6 +124,8 @@ def build_norm_eval(backbone: dict, norm_eval: bool = True, freeze_affine: bool 
         backbone=dict(type='NormEval', norm_eval=True, freeze_affine=False,
                       backbone=dict(type='ResNet', depth=50, ...))
     """
+    check_bool('NormEval', 'norm_eval', norm_eval)
+    check_bool('NormEval', 'freeze_affine', freeze_affine)
     cfg = dict(backbone)
     if 'type' not in cfg:
         raise KeyError(f'NormEval: backbone config needs a "type", got {cfg}')

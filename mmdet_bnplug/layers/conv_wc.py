@@ -13,7 +13,7 @@ class ConvWC(nn.Conv2d):
     centring takes that role (Yan et al., ICLR 2020). Same arguments as
     ``nn.Conv2d``; registered in mmengine's root MODELS for ``conv_cfg``.
     A BN checkpoint's kernels load unchanged, but the centring changes the outputs:
-    ``mmdet_bnplug.mabn_from_bn`` measures by how much.
+    ``mmdet_bnplug.transforms.mabn_from_bn`` measures by how much.
     """
 
     @property

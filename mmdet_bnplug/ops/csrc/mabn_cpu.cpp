@@ -232,7 +232,7 @@ Tensor train_step(const Tensor& x, const std::optional<Tensor>& weight,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "MABN's CPU training step (mmdet_bnplug/norms/csrc/mabn_cpu.cpp)";
+  m.doc() = "MABN's CPU training step (mmdet_bnplug/ops/csrc/mabn_cpu.cpp)";
   // copies and pickles (deepcopy for EMA models, torch.save of a module) start afresh:
   // the state is a cache; everything that defines the layer is in its buffers
   pybind11::class_<State>(m, "State", "A layer's host-side state on the compiled path")

@@ -15,6 +15,8 @@ from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import check_bn_args
+
 # group_size -> (default process group it was made under, this rank's subgroup)
 _SUBGROUPS = {}
 
@@ -172,6 +174,8 @@ class PortableSyncBN(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, group_size=None, device=None, dtype=None):
+        check_bn_args('PortableSyncBN', num_features, eps, momentum, affine,
+                      track_running_stats)
         if group_size is not None and (isinstance(group_size, bool)
                                        or not isinstance(group_size, int) or group_size < 1):
             raise ValueError('PortableSyncBN: group_size must be None (all ranks) or a '

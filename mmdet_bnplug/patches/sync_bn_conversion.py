@@ -7,6 +7,8 @@ into a plain trainable SyncBN and ``PortableSyncBN`` into torch's CUDA-only one.
 this module (``import mmdet_bnplug`` does) installs a converter that converts the other
 BN layers as before and leaves every layer defined in this package (and subclasses of
 those) untouched, logging what it kept.
+
+Versions: mmengine 0.10.x (the Runner looks ``convert_sync_batchnorm`` up in its own module).
 """
 import mmengine.model
 import mmengine.model.utils
@@ -59,5 +61,16 @@ def convert_sync_batchnorm(module: nn.Module, implementation: str = 'torch') -> 
 
 # The Runner looks the name up in its own module; ``mmengine.model`` serves direct callers.
 # ``mmengine.model.utils`` keeps the original.
-for _module in (mmengine.model, mmengine.runner.runner):
-    _module.convert_sync_batchnorm = convert_sync_batchnorm
+_TARGETS = (mmengine.model, mmengine.runner.runner)
+
+
+def apply() -> None:
+    """Route the Runner's and ``mmengine.model``'s converter to ours (idempotent)."""
+    for module in _TARGETS:
+        module.convert_sync_batchnorm = convert_sync_batchnorm
+
+
+def revert() -> None:
+    """Restore mmengine's own converter."""
+    for module in _TARGETS:
+        module.convert_sync_batchnorm = _mmengine_convert

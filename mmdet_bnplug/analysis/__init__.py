@@ -1,0 +1,1 @@
+"""Inspection of a model's norm layers (behind tools/inspect_norms.py and the check hook)."""

@@ -1,0 +1,3 @@
+from .norm_eval_check import NormEvalCheckHook
+
+__all__ = ['NormEvalCheckHook']

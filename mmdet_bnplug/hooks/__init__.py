@@ -1,2 +1,0 @@
-"""mmengine hooks, registered in mmengine's root HOOKS."""
-from .norm_eval_check import NormEvalCheckHook  # noqa: F401

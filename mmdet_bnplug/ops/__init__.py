@@ -1,0 +1,1 @@
+"""Compiled kernels of the layers (built by setup.py)."""
