@@ -18,7 +18,7 @@ DEMO_CONFIG ?= configs/toy/retinanet_r18_fpn_bn_toy.py
 DEMO_WORK_DIR ?= work_dirs/demo
 SYNTHETIC_DIR := data/synthetic
 
-.PHONY: install demo test data clean
+.PHONY: install demo test lint data clean
 
 install: $(STAMP)
 
@@ -45,5 +45,11 @@ demo: data
 test: $(STAMP)
 	$(PY) -m pytest
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# every build output: the environment, the compiled kernel, build/ and egg-info, caches, runs
 clean:
-	rm -rf $(VENV) work_dirs
+	rm -rf $(VENV) work_dirs build *.egg-info .pytest_cache .ruff_cache
+	find . -path ./.git -prune -o \( -name '__pycache__' -o -name '*.so' \) -prune \
+		-exec rm -rf {} +

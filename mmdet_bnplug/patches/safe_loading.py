@@ -11,10 +11,17 @@ method of ``HistoryBuffer`` and refuses everything else. The real ``getattr``, `
 ``exec``, ``__import__``, ``functools.partial`` and every other generic callable stay off
 the list: with one of them on it, a checkpoint becomes a program. Safe loading stays on.
 
+Also: mmengine loads URL checkpoints (``http(s)://``, ``torchvision://``,
+``open-mmlab://``, ... in ``load_from`` or a ``Pretrained`` init) through torch.hub's
+``load_state_dict_from_url``, whose default is ``weights_only=False``: full unpickling of
+a downloaded file. The patch makes that loader pass ``weights_only=True``.
+
 Versions: torch >= 2.6 (the allow-list's ``(object, name)`` form), mmengine 0.10.x.
 """
+import functools
 import pickle
 
+import mmengine.runner.checkpoint as mm_checkpoint
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
@@ -58,14 +65,32 @@ def allowed_globals() -> list:
     return [HistoryBuffer, (history_buffer_method, 'builtins.getattr'), *_numpy_globals()]
 
 
+_ORIGINAL = {}
+
+
+def _safe_url_loader(load_url):
+    @functools.wraps(load_url)
+    def load_url_weights_only(*args, **kwargs):
+        kwargs['weights_only'] = True
+        return load_url(*args, **kwargs)
+    return load_url_weights_only
+
+
 def apply() -> None:
-    """Add :func:`allowed_globals` to torch's allow-list (idempotent)."""
+    """Add :func:`allowed_globals` to torch's allow-list and make mmengine's URL loader
+    load with ``weights_only=True`` (idempotent)."""
     torch.serialization.add_safe_globals(allowed_globals())
+    if not _ORIGINAL:
+        _ORIGINAL['load_url'] = mm_checkpoint.load_url
+        mm_checkpoint.load_url = _safe_url_loader(_ORIGINAL['load_url'])
 
 
 def revert() -> None:
-    """Remove exactly this patch's entries from torch's allow-list."""
+    """Remove exactly this patch's entries from torch's allow-list; restore mmengine's
+    URL loader."""
     ours = allowed_globals()
     keep = [e for e in torch.serialization.get_safe_globals() if e not in ours]
     torch.serialization.clear_safe_globals()
     torch.serialization.add_safe_globals(keep)
+    if _ORIGINAL:
+        mm_checkpoint.load_url = _ORIGINAL.pop('load_url')

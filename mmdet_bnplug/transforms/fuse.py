@@ -139,7 +139,11 @@ def _verified_on_probe(model, pairs, probe, atol):
 
     def recorder(key, role):
         def hook(module, args, out):
-            calls.setdefault((key, role), []).append((args[0] if args else None, out))
+            # (input object, input copy, output object, output copy): copies, because
+            # later in-place ops (ReLU(inplace=True), +=) change the tensors themselves
+            x = args[0] if args else None
+            copies = [t.clone() if isinstance(t, torch.Tensor) else t for t in (x, out)]
+            calls.setdefault((key, role), []).append((x, copies[0], out, copies[1]))
         return hook
 
     handles = []
@@ -161,8 +165,9 @@ def _verified_on_probe(model, pairs, probe, atol):
         conv, norm = getattr(parent, key[1]), getattr(parent, key[2])
         with torch.no_grad():
             fused = _folded_conv(conv, _kernel(conv), *eval_affine(norm)).eval()
-            return all(norm_in is conv_out and relative_change(fused(conv_in), norm_out) <= atol
-                       for (conv_in, conv_out), (norm_in, norm_out)
+            return all(norm_in is conv_out and
+                       relative_change(fused(conv_in), norm_out) <= atol
+                       for (_, conv_in, conv_out, _), (norm_in, _, _, norm_out)
                        in zip(conv_calls, norm_calls))
 
     def whole_model_exact(keys):

@@ -140,3 +140,22 @@ def test_every_tool_refuses_a_checkpoint_with_a_hidden_payload(trained_toy, tmp_
             f'{name}: {result.stderr[-2000:]}'
         assert not marker.exists(), f'{name} ran the payload'
     assert not osp.exists(tmp_path / 'out.pth') and not osp.exists(tmp_path / 'out2.pth')
+
+
+def test_url_checkpoints_load_safely_too(tmp_path):
+    """mmengine's URL loader (load_from='https://...', torchvision://, Pretrained inits)
+    uses torch.hub, whose default is full unpickling: the patch makes it weights_only."""
+    import mmengine.runner.checkpoint as mm_checkpoint
+    marker = tmp_path / 'pwned'
+    served = tmp_path / 'served'
+    served.mkdir()
+    torch.save({'state_dict': {}, 'x': _exec_payloads(marker)['os.system']},
+               str(served / 'evil.pth'))
+    with pytest.raises(pickle.UnpicklingError):
+        mm_checkpoint.load_url((served / 'evil.pth').as_uri(),
+                               model_dir=str(tmp_path / 'cache'), map_location='cpu')
+    assert not marker.exists()
+    torch.save({'state_dict': {'w': torch.ones(2)}}, str(served / 'good.pth'))
+    good = mm_checkpoint.load_url((served / 'good.pth').as_uri(),
+                                  model_dir=str(tmp_path / 'cache'), map_location='cpu')
+    assert torch.equal(good['state_dict']['w'], torch.ones(2))
