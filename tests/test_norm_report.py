@@ -80,9 +80,9 @@ def test_frozen_layers_include_and_types():
 
 
 def fake_runner(model):
-    warnings = []
-    return SimpleNamespace(model=model, iter=0, warnings=warnings,
-                           logger=SimpleNamespace(warning=warnings.append))
+    warnings, infos = [], []
+    return SimpleNamespace(model=model, iter=0, warnings=warnings, infos=infos,
+                           logger=SimpleNamespace(warning=warnings.append, info=infos.append))
 
 
 @pytest.mark.parametrize('action', ['error', 'warn'])
@@ -119,6 +119,8 @@ def test_hook_passes_when_frozen_and_checks_at_the_end():
         step()
         runner.iter = i + 1
         hook.after_train_iter(runner, i)
+    assert len(runner.infos) == 2 and 'iteration 2: 20 layers meant to be frozen are in ' \
+        'eval mode and their buffers are unchanged' in runner.infos[1]
     with torch.no_grad():
         model.backbone.layer2[0].bn1.running_var.add_(1e-3)  # something moved it
     with pytest.raises(RuntimeError, match=r'layer2\.0\.bn1 .*running_var changed by up '

@@ -14,6 +14,7 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.registry import MODELS, DefaultScope
 
+from cli import BadValue, MissingInput
 from run_config import check_norm_types
 
 
@@ -26,7 +27,7 @@ def check_output_path(out: str, inputs) -> None:
         same = real_out == osp.realpath(path) or (
             osp.exists(out) and osp.exists(path) and osp.samefile(out, path))
         if same:
-            raise ValueError(f'output {out!r} is the input {path!r} (or a link to it): '
+            raise BadValue(f'output {out!r} is the input {path!r} (or a link to it): '
                              'choose another output path')
 
 
@@ -63,16 +64,16 @@ def load_model(config=None, checkpoint=None, cfg_options=None, strict=False):
     ckpt = None
     if checkpoint is not None:
         if not osp.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint file not found: {checkpoint!r}')
+            raise MissingInput(f'checkpoint file not found: {checkpoint!r}')
         ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     if config is not None:
         if not osp.isfile(config):
-            raise FileNotFoundError(f'config file not found: {config!r}')
+            raise MissingInput(f'config file not found: {config!r}')
         cfg = Config.fromfile(config)
     elif ckpt is not None and 'cfg' in ckpt.get('meta', {}):
         cfg = Config.fromstring(ckpt['meta']['cfg'], file_format='.py')
     else:
-        raise ValueError('a config is needed: none given and the checkpoint stores none '
+        raise BadValue('a config is needed: none given and the checkpoint stores none '
                          "(meta['cfg'])")
     if cfg_options:
         cfg.merge_from_dict(cfg_options)

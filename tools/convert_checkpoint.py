@@ -16,6 +16,7 @@ from mmengine.config import DictAction
 from mmengine.runner.checkpoint import weights_to_cpu
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin)
+import cli
 from checkpoint_io import check_output_path, load_model, save_atomic
 from mmdet_bnplug.analysis.norm_report import format_norm_table, norm_table
 from mmdet_bnplug.transforms import convert_norm
@@ -49,7 +50,10 @@ def main(argv=None):
     model, _, ckpt = load_model(args.config, args.checkpoint, args.cfg_options,
                                 strict=True)
     to = dict(args.to_options, type=args.to)
-    model = convert_norm(model, to, include=args.include, exclude=args.exclude)
+    try:
+        model = convert_norm(model, to, include=args.include, exclude=args.exclude)
+    except ValueError as err:  # an unknown --to, a pattern matching nothing, ...
+        raise cli.BadValue(str(err)) from err
     meta = {k: v for k, v in ckpt.get('meta', {}).items() if k != 'cfg'}
     meta['norm_conversion'] = dict(source=osp.basename(args.checkpoint), to=to,
                                    include=args.include, exclude=args.exclude)
@@ -60,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

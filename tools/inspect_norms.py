@@ -16,8 +16,9 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin)
+import cli
 from checkpoint_io import load_model
-from mmdet_bnplug.analysis.norm_report import inspect_norms
+from mmdet_bnplug.analysis.norm_report import COLUMNS, inspect_norms
 from run_config import check_datasets
 
 
@@ -54,7 +55,8 @@ def main(argv=None):
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     train_step = make_train_step(model, cfg) if args.iters else None
     print(inspect_norms(model, train_step, args.iters))
+    print('\n' + COLUMNS)
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

@@ -16,6 +16,7 @@ from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner.checkpoint import load_checkpoint
 
 import mmdet_bnplug  # noqa: F401  (registers the layers)
+import cli
 from checkpoint_io import check_output_path, save_atomic
 from mmdet_bnplug.transforms.mabn_from_bn import format_report, output_change
 from run_config import check_norm_types
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

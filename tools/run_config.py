@@ -6,6 +6,7 @@ mistakes that would otherwise surface minutes later deep inside the Runner are c
 before anything is built: a missing config file, a missing dataset, an unknown norm type.
 """
 import difflib
+import glob
 import os
 import os.path as osp
 
@@ -15,6 +16,8 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 from torch import nn
+
+from cli import MissingInput, UnknownName, UnsupportedHere
 
 SYNTHETIC_HINT = ('generate the synthetic dataset with: '
                   'python tools/make_synthetic.py {root}')
@@ -40,7 +43,7 @@ def add_common_args(parser):
 def load_config(args):
     """Read ``args.config``, apply ``--cfg-options``, launcher and work dir; return it."""
     if not osp.isfile(args.config):
-        raise FileNotFoundError(f'config file not found: {args.config!r}')
+        raise MissingInput(f'config file not found: {args.config!r}')
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     cfg = Config.fromfile(args.config)
@@ -93,7 +96,7 @@ def check_norm_types(model_cfg):
         known = _registered_norm_names(MMDET_MODELS)
         close = difflib.get_close_matches(norm_type, known, n=3)
         hint = f' Did you mean {", ".join(close)}?' if close else ''
-        raise KeyError(f'{path}.type={norm_type!r} is not a registered norm layer.{hint} '
+        raise UnknownName(f'{path}.type={norm_type!r} is not a registered norm layer.{hint} '
                        f'Registered norm layers: {", ".join(known)}. mmdet_bnplug\'s layers '
                        'are registered by importing mmdet_bnplug (custom_imports).')
 
@@ -122,15 +125,28 @@ def check_datasets(cfg, loader_keys):
             missing = [p for p in (root, ann_path) if p and not osp.exists(p)]
             if missing:
                 hint = SYNTHETIC_HINT if 'synthetic' in ann_path else COCO_HINT
-                raise FileNotFoundError(
+                raise MissingInput(
                     f'{key}.dataset: {missing[0]!r} not found; '
                     + hint.format(root=root or osp.dirname(ann_path)))
+
+
+def check_checkpoint_path(path, option):
+    """MissingInput if a local checkpoint ``path`` (given as ``option``) does not exist,
+    naming files of the same name under ``work_dirs/`` with the option that uses them.
+    URLs (``scheme://``) are left to mmengine."""
+    if not path or '://' in path or osp.isfile(path):
+        return
+    found = sorted(glob.glob(osp.join('work_dirs', '**', osp.basename(path)), recursive=True))
+    hint = (f'; found {found[0]}: pass --cfg-options {option}={found[0]}' if found else
+            '; train the run that writes it first, or pass --cfg-options '
+            f'{option}=<checkpoint>')
+    raise MissingInput(f'{option}={path!r} not found{hint}')
 
 
 def check_amp_device():
     """``--amp`` uses mmengine's AmpOptimWrapper, which needs an accelerator."""
     if not torch.cuda.is_available():
-        raise RuntimeError('--amp needs a CUDA device (mmengine AmpOptimWrapper); '
+        raise UnsupportedHere('--amp needs a CUDA device (mmengine AmpOptimWrapper); '
                            'none is available on this machine')
 
 

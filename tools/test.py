@@ -2,9 +2,12 @@
 [--out results.pkl] [--cfg-options k=v ...] [--launcher ...]`` (mmdet 3.x style)."""
 import argparse
 import os.path as osp
+import time
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
+import cli
 from run_config import add_common_args, build_runner, check_datasets, close_distributed, load_config
+from run_summary import summary_line
 
 
 def parse_args(argv=None):
@@ -18,9 +21,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint file not found: {args.checkpoint!r}')
+        raise cli.MissingInput(f'checkpoint file not found: {args.checkpoint!r}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out must be a .pkl or .pickle file, got {args.out!r}')
+        raise cli.BadValue(f'--out must be a .pkl or .pickle file, got {args.out!r}')
     cfg = load_config(args)
     check_datasets(cfg, ['test_dataloader'])
     cfg.load_from = args.checkpoint
@@ -28,9 +31,15 @@ def main(argv=None):
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    runner.test()
+    start = time.monotonic()
+    metrics = runner.test()
+    if runner.rank == 0:
+        print(summary_line(f'evaluated {args.checkpoint}', metrics or {},
+                           time.monotonic() - start,
+                           score_thr=cfg.get('model', {}).get('test_cfg', {}).get('score_thr')),
+              flush=True)
     close_distributed()
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

@@ -1,10 +1,13 @@
 """Train a detector: ``python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]]
 [--amp] [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]`` (mmdet 3.x style)."""
 import argparse
+import time
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
-from run_config import (add_common_args, build_runner, check_amp_device, check_datasets,
-                        close_distributed, load_config)
+import cli
+from run_config import (add_common_args, build_runner, check_amp_device,
+                        check_checkpoint_path, check_datasets, close_distributed, load_config)
+from run_summary import RunSummaryHook, summary_line
 
 
 def parse_args(argv=None):
@@ -29,11 +32,21 @@ def main(argv=None):
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
+        check_checkpoint_path(args.resume, '--resume')
         cfg.resume, cfg.load_from = True, args.resume
+    else:
+        check_checkpoint_path(cfg.get('load_from'), 'load_from')
     runner = build_runner(cfg)
+    summary = RunSummaryHook()
+    runner.register_hook(summary)
     runner.train()
+    if runner.rank == 0:
+        print(summary_line(f'trained {args.config}', summary.metrics,
+                           time.monotonic() - summary.start, runner.iter,
+                           cfg.get('model', {}).get('test_cfg', {}).get('score_thr')),
+              flush=True)
     close_distributed()
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

@@ -64,6 +64,16 @@ def moved_norms(model: nn.Module, before: dict) -> dict:
     return moved
 
 
+COLUMNS = ('Columns: training = the layer\'s training flag after model.train(); affine = '
+           'trainable/frozen (requires_grad of weight and bias), partial, buffers (mmdet '
+           'FrozenBN) or none; frozen = why the layer is meant to be frozen (its type, '
+           'the norm_eval of a parent module, or an include pattern); mean|m| = mean of '
+           '|running_mean|; mean v = mean of running_var (MABN: the second moment); '
+           'batches = num_batches_tracked; moved = no, or yes with the largest absolute '
+           'change of any running statistic (or "counter" if only num_batches_tracked '
+           'changed).')
+
+
 def _moved_cell(changes):
     """'no', or the largest change of a float statistic (or the counter that moved)."""
     if not changes:

@@ -68,15 +68,21 @@ class NormEvalCheckHook(Hook):
         self._check(runner)
 
     def _check(self, runner):
-        problems = []
+        problems, largest = [], 0.0
         for name, (layer, why, start) in self._watched.items():
             if layer.training and not frozen_by_type(layer):
                 problems.append(f'{name} ({type(layer).__name__}, {why}) is in training mode')
             moved = changed_buffers(layer, start)
             if moved:
+                largest = max(largest, *moved.values())
                 problems.append(f'{name} ({type(layer).__name__}, {why}): ' + ', '.join(
                     f'{k} changed by up to {v:.3g}' for k, v in moved.items()))
         if not problems:
+            if self._watched:
+                runner.logger.info(
+                    f'NormEvalCheckHook at iteration {runner.iter}: {len(self._watched)} '
+                    'layers meant to be frozen are in eval mode and their buffers are '
+                    'unchanged since the start of training (largest change 0)')
             return
         message = (f'NormEvalCheckHook at iteration {runner.iter}: layers meant to be '
                    'frozen are not:\n  ' + '\n  '.join(problems))

@@ -1,0 +1,40 @@
+"""How the tools report bad input: one or two clean lines on stderr and exit code 2, no
+traceback. Internal errors keep their traceback (and exit code 1).
+
+The errors subclass the built-in type a caller would expect (``FileNotFoundError``,
+``KeyError``, ``ValueError``, ``RuntimeError``), so code calling the checks directly can
+catch them as usual.
+"""
+import sys
+
+
+class InputError(Exception):
+    """A problem with what the user gave (a path, a config value, an option)."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ''
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """A file or directory the user named, or the config names, does not exist."""
+
+
+class UnknownName(InputError, KeyError):
+    """A registered name (a norm type, ...) that is not registered."""
+
+
+class BadValue(InputError, ValueError):
+    """A value outside what is accepted."""
+
+
+class UnsupportedHere(InputError, RuntimeError):
+    """A request this machine cannot serve (e.g. --amp without CUDA)."""
+
+
+def run(main, argv=None) -> None:
+    """Call ``main(argv)``; an :class:`InputError` becomes ``error: ...`` and exit code 2."""
+    try:
+        main(argv)
+    except InputError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
