@@ -143,11 +143,20 @@ def check_checkpoint_path(path, option):
     raise MissingInput(f'{option}={path!r} not found{hint}')
 
 
-def check_amp_device():
-    """``--amp`` uses mmengine's AmpOptimWrapper, which needs an accelerator."""
-    if not torch.cuda.is_available():
-        raise UnsupportedHere('--amp needs a CUDA device (mmengine AmpOptimWrapper); '
-                           'none is available on this machine')
+def use_amp(cfg):
+    """``--amp``: mmengine's AmpOptimWrapper (fp16, dynamic loss scaling) with CUDA;
+    without it, bf16 autocast on the CPU (``AutocastOptimWrapper``, no loss scaling)."""
+    if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        return
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper not in ('OptimWrapper', 'AutocastOptimWrapper'):
+        raise UnsupportedHere(f'--amp on the CPU replaces optim_wrapper.type=OptimWrapper; '
+                              f'this config uses {wrapper!r}')
+    cfg.optim_wrapper.update(type='AutocastOptimWrapper', dtype='bfloat16',
+                             device_type='cpu')
+    print('--amp without CUDA: bf16 autocast on the CPU (AutocastOptimWrapper)', flush=True)
 
 
 def build_runner(cfg):

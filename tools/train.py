@@ -5,8 +5,7 @@ import time
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
 import cli
-from run_config import (add_common_args, build_runner, check_amp_device,
-                        check_checkpoint_path, check_datasets, close_distributed, load_config)
+from run_config import (add_common_args, build_runner, check_checkpoint_path, check_datasets, close_distributed, load_config, use_amp)
 from run_summary import RunSummaryHook, summary_line
 
 
@@ -14,7 +13,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a detector')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision training (needs CUDA)')
+                        help='automatic mixed precision: fp16 with loss scaling on CUDA, '
+                        'bf16 autocast on the CPU')
     parser.add_argument(
         '--resume', nargs='?', const='auto', default=None,
         help='resume from CKPT, or with no value from the latest checkpoint in the work dir')
@@ -26,9 +26,7 @@ def main(argv=None):
     cfg = load_config(args)
     check_datasets(cfg, ['train_dataloader', 'val_dataloader'])
     if args.amp:
-        check_amp_device()
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        use_amp(cfg)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:

@@ -1,4 +1,5 @@
 """Training-loop components, registered in mmengine's root registries."""
-from .hooks import NormEvalCheckHook
+from .hooks import NormEvalCheckHook, NormMomentumPerStepHook
+from .optim_wrappers import AutocastOptimWrapper
 
-__all__ = ['NormEvalCheckHook']
+__all__ = ['AutocastOptimWrapper', 'NormEvalCheckHook', 'NormMomentumPerStepHook']

@@ -33,3 +33,10 @@ def check_bn_args(owner: str, num_features, eps, momentum, affine,
                    'a number in [0, 1]' + (' or None' if momentum_none_ok else ''))
     check_bool(owner, 'affine', affine)
     check_bool(owner, 'track_running_stats', track_running_stats)
+
+
+def check_choice(owner: str, name: str, value, choices) -> None:
+    """One of ``choices``."""
+    if value not in choices:
+        raise ValueError(f'{owner}: {name} must be one of {", ".join(map(repr, choices))}, '
+                         f'got {value!r}')

@@ -11,10 +11,12 @@ plain BN and communicates nothing.
 """
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..utils.recompute import inside_backward
 from ._checks import check_bn_args
 
 # group_size -> (default process group it was made under, this rank's subgroup)
@@ -204,16 +206,47 @@ class PortableSyncBN(_BatchNorm):
             return x.clone()
         return (x * _channel_view(self.weight, x) + _channel_view(self.bias, x)).to(x.dtype)
 
+    def _updates_statistics(self) -> bool:
+        """Whether this call advances the running statistics: a training-mode call,
+        unless activation checkpointing is re-running it inside the backward pass."""
+        return self.training and self.track_running_stats and not inside_backward()
+
+    def _momentum_now(self) -> float:
+        """This step's weight of the new value (``momentum=None``: cumulative average)."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1.0)
+
+    @torch.no_grad()
+    def _commit(self, mean, var):
+        """Store a step's updated running statistics, unless they are not finite (an
+        inf or NaN in the batch, e.g. an fp16 overflow that GradScaler will skip): then
+        nothing changes, counter included. A masked update, no host-device sync."""
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
+        self.running_var.copy_(torch.where(finite, var, self.running_var))
+        self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+
     @torch.no_grad()
     def _update_running_stats(self, mean, var, count):
-        if not self.track_running_stats:
-            return
-        self.num_batches_tracked.add_(1)
-        momentum = (1.0 / self.num_batches_tracked.item()
-                    if self.momentum is None else self.momentum)
+        momentum = self._momentum_now()
         unbiased = var * (count / (count - 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        self._commit(self.running_mean.lerp(mean.to(self.running_mean.dtype), momentum),
+                     self.running_var.lerp(unbiased.to(self.running_var.dtype), momentum))
+
+    def _local_forward(self, x):
+        """Plain BN on this rank's batch by BN's own kernel, which updates copies of the
+        running statistics; they are stored through :meth:`_commit` (so a non-finite
+        batch leaves the layer's as they were), and not at all in a recomputation (the
+        same kernel runs, so activation checkpointing sees the same saved tensors)."""
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, self._momentum_now(),
+                         self.eps)
+        if not inside_backward():
+            self._commit(mean, var)
+        return y
 
     def forward(self, x):
         self._check_input_dim(x)
@@ -221,7 +254,7 @@ class PortableSyncBN(_BatchNorm):
         if group is None:
             if x.numel() == 0:
                 return self._empty_output(x)
-            return super().forward(x)
+            return self._local_forward(x)
         mean, var, count = global_batch_stats(x, group)
         if count == 0:
             return self._empty_output(x)
@@ -229,6 +262,7 @@ class PortableSyncBN(_BatchNorm):
             raise ValueError('PortableSyncBN: expected more than 1 value per channel over '
                              f'the group in training, got input of shape {tuple(x.shape)} '
                              'on this rank and 1 value in total')
-        self._update_running_stats(mean, var, count)
+        if self._updates_statistics():
+            self._update_running_stats(mean, var, count)
         invstd = torch.rsqrt(var + self.eps)
         return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, invstd, count, group)

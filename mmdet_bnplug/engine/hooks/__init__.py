@@ -1,3 +1,4 @@
+from .accumulation_momentum import NormMomentumPerStepHook
 from .norm_eval_check import NormEvalCheckHook
 
-__all__ = ['NormEvalCheckHook']
+__all__ = ['NormEvalCheckHook', 'NormMomentumPerStepHook']

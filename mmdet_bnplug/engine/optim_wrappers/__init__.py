@@ -1,0 +1,3 @@
+from .autocast import AutocastOptimWrapper
+
+__all__ = ['AutocastOptimWrapper']
