@@ -12,7 +12,7 @@ import argparse
 
 from mmengine.config import DictAction
 from mmengine.optim import build_optim_wrapper
-from mmengine.registry import init_default_scope
+from mmengine.registry import HOOKS, init_default_scope
 from mmengine.runner import Runner
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin)
@@ -52,6 +52,9 @@ def make_train_step(model, cfg):
 def main(argv=None):
     args = parse_args(argv)
     model, cfg, _ = load_model(args.config, args.checkpoint, args.cfg_options)
+    for hook_cfg in cfg.get('custom_hooks', []):  # freezing by name, as training applies it
+        if hook_cfg.get('type') == 'FreezeNormsHook':
+            HOOKS.build(hook_cfg).apply(model)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     train_step = make_train_step(model, cfg) if args.iters else None
     print(inspect_norms(model, train_step, args.iters))

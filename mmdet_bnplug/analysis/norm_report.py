@@ -7,6 +7,7 @@ import fnmatch
 import torch
 from torch import nn
 
+from ..layers.norm_eval import enforced_by, settle_norm_eval
 from ..utils.bn_like import bn_like_layers, layer_state
 
 
@@ -22,7 +23,8 @@ def frozen_layers(model: nn.Module, include=()) -> dict:
     """``{name: why}`` for the BN-like layers whose statistics are meant to stay frozen.
 
     ``why`` is the layer type (EvalBN, FrozenBN), ``norm_eval of <module>`` for layers
-    below a module whose ``norm_eval`` is set (mmdet backbones, ``NormEval``), or
+    below a module whose ``norm_eval`` is set (mmdet backbones, ``NormEval``), who
+    enforces it for layers frozen by name (``FreezeNormsHook``, ``apply_norm_eval``), or
     ``include`` for names matching one of the ``include`` glob patterns.
     """
     owner_of = {}
@@ -37,6 +39,8 @@ def frozen_layers(model: nn.Module, include=()) -> dict:
             frozen[name] = type(layer).__name__
         elif owner is not None:
             frozen[name] = f'norm_eval of {owner}'
+        elif enforced_by(layer) is not None:
+            frozen[name] = enforced_by(layer)
         elif any(fnmatch.fnmatchcase(name, p) for p in include):
             frozen[name] = 'include'
     return frozen
@@ -135,6 +139,7 @@ def inspect_norms(model: nn.Module, train_step=None, iters: int = 0) -> str:
     ``iters > 0``, runs it ``iters`` times and reports which layers' statistics moved.
     """
     model.train()
+    settle_norm_eval(model)  # what each enforced layer's pre-hook does at its next forward
     moved = None
     if train_step is not None and iters > 0:
         before = snapshot_norms(model)

@@ -1,5 +1,6 @@
 """Training-loop components, registered in mmengine's root registries."""
-from .hooks import NormEvalCheckHook, NormMomentumPerStepHook
+from .hooks import FreezeNormsHook, NormEvalCheckHook, NormMomentumPerStepHook
 from .optim_wrappers import AutocastOptimWrapper
 
-__all__ = ['AutocastOptimWrapper', 'NormEvalCheckHook', 'NormMomentumPerStepHook']
+__all__ = ['AutocastOptimWrapper', 'FreezeNormsHook', 'NormEvalCheckHook',
+           'NormMomentumPerStepHook']

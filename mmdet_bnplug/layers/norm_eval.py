@@ -5,6 +5,7 @@ mmdet backbones implement ``norm_eval`` in ``train()`` only, and some only for
 found by walking ``modules()``, and each such layer re-asserts eval mode before its own
 forward, so a later ``.train()`` call on a submodule cannot let statistics move.
 """
+import fnmatch
 import functools
 import inspect
 
@@ -16,6 +17,7 @@ from ._checks import check_bool
 
 
 _MARK = '_bnplug_norm_eval'  # per-layer flag read by the layer's own forward pre-hook
+_BY = '_bnplug_norm_eval_by'  # per-layer: who enforces it (shown by inspect_norms)
 
 
 def _keep_eval(layer, args):
@@ -24,31 +26,57 @@ def _keep_eval(layer, args):
         layer.train(False)
 
 
-def apply_norm_eval(model: nn.Module, norm_eval: bool = True, freeze_affine: bool = False):
-    """Enforce ``norm_eval`` on every BN-like layer below ``model`` (``modules()`` walk).
+def settle_norm_eval(model: nn.Module) -> None:
+    """Put every layer on which ``norm_eval`` is enforced in eval mode now, as its forward
+    pre-hook would at its next forward (after a ``train()`` call that flipped it)."""
+    for layer in model.modules():
+        if getattr(layer, _MARK, False) and layer.training:
+            layer.train(False)
+
+
+def enforced_by(layer: nn.Module):
+    """Who enforces ``norm_eval`` on ``layer`` (a short text), or None."""
+    return getattr(layer, _BY, None) if getattr(layer, _MARK, False) else None
+
+
+def apply_norm_eval(model: nn.Module, norm_eval: bool = True, freeze_affine: bool = False,
+                    include=None, by: str = 'apply_norm_eval') -> list:
+    """Enforce ``norm_eval`` on the BN-like layers below ``model`` (``modules()`` walk);
+    returns their names.
 
     With ``norm_eval`` each layer is put in eval mode now and, through a forward pre-hook
     on the layer itself, again before each of its forwards, whatever ``train()`` calls
     happen in between. ``freeze_affine`` sets ``requires_grad=False`` on the layers'
-    weight and bias. Calling it again with ``norm_eval=False`` lifts the guarantee.
+    weight and bias. ``include`` (glob patterns on names relative to ``model``, e.g.
+    ``'neck.*'``) restricts it to the matching layers; ``by`` is recorded for reports.
+    Calling it again with ``norm_eval=False`` lifts the guarantee.
     """
     types = bn_like_types()
-    for layer in model.modules():
+    patterns = None if include is None else (
+        [include] if isinstance(include, str) else list(include))
+    applied = []
+    for name, layer in model.named_modules():
         if not isinstance(layer, types):
+            continue
+        if patterns is not None and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         if not hasattr(layer, _MARK):
             layer.register_forward_pre_hook(_keep_eval)
         setattr(layer, _MARK, bool(norm_eval))
+        setattr(layer, _BY, by)
         if norm_eval and layer.training:
             layer.train(False)
         if freeze_affine:
             for param in layer.parameters(recurse=False):
                 param.requires_grad_(False)
+        applied.append(name)
+    return applied
 
 
 def _reassert_norm_eval(module, args):
     """Forward pre-hook of the mixin: covers layers swapped in since the last ``train()``."""
-    apply_norm_eval(module, module.norm_eval, module.freeze_affine)
+    apply_norm_eval(module, module.norm_eval, module.freeze_affine,
+                    by=f'NormEval({type(module).__name__})')
 
 
 class NormEvalMixin:
@@ -72,12 +100,14 @@ class NormEvalMixin:
         super().__init__(*args, **kwargs)
         self.norm_eval = bool(norm_eval)
         self.freeze_affine = bool(freeze_affine)
-        apply_norm_eval(self, self.norm_eval, self.freeze_affine)
+        apply_norm_eval(self, self.norm_eval, self.freeze_affine,
+                        by=f'NormEval({type(self).__name__})')
         self.register_forward_pre_hook(_reassert_norm_eval)
 
     def train(self, mode=True):
         super().train(mode)
-        apply_norm_eval(self, self.norm_eval, self.freeze_affine)
+        apply_norm_eval(self, self.norm_eval, self.freeze_affine,
+                        by=f'NormEval({type(self).__name__})')
         return self
 
 

@@ -1,4 +1,5 @@
 from .accumulation_momentum import NormMomentumPerStepHook
+from .freeze_norms import FreezeNormsHook, freeze_norms
 from .norm_eval_check import NormEvalCheckHook
 
-__all__ = ['NormEvalCheckHook', 'NormMomentumPerStepHook']
+__all__ = ['FreezeNormsHook', 'NormEvalCheckHook', 'NormMomentumPerStepHook', 'freeze_norms']
