@@ -56,6 +56,7 @@ from bench_utils import (DEFAULT_REPEATS, agree_on_most_calls, benchmark_parser,
 from mmdet_bnplug.layers.eval_bn import EvalBN
 from mmdet_bnplug.layers.mabn import MABN
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN
+from mmdet_bnplug.testing.mabn_reference import SpecMABN
 
 # (label, shape): every distinct BN input shape of RetinaNet R50 + FPN at batch 2
 SHAPES = [
@@ -78,66 +79,37 @@ SHAPES = [
 
 
 class NaiveMABNFunction(torch.autograd.Function):
-    """The spec as the obvious chain of tensor ops (reference for the fast one)."""
+    """The spec as the obvious chain of tensor ops: the float64 reference
+    (``mmdet_bnplug.testing.mabn_reference``) on torch float64 tensors, the state in
+    ``spec``; input and gradients cast to float64 and back."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        layer.t += 1
-        t = int(layer.t.item())  # host sync, as in the reference code
-        x2 = (x * x).mean(dims)
-        layer.buffer_x2[t % layer.B] = x2
-        use_batch = t <= layer.B or t < layer.warmup_iters
-        s2 = x2 if use_batch else layer.buffer_x2.mean(0)
-        std = (s2 + layer.eps).sqrt()
-        z = x / std.view(shape)
-        r = std / (layer.running_var + layer.eps).sqrt()
-        if t <= max(layer.renorm_iters, layer.warmup_iters):
-            r = torch.ones_like(r)
-        else:
-            r = r.clamp(1 / layer.r_max, layer.r_max)
-        y = weight.view(shape) * (r.view(shape) * z) + bias.view(shape)
-        layer.running_var.mul_(1 - layer.momentum).add_(layer.momentum * s2)
-        ctx.save_for_backward(z, weight, r, std)
-        ctx.layer, ctx.t, ctx.use_batch, ctx.dims, ctx.shape = layer, t, use_batch, dims, shape
-        return y
+    def forward(ctx, x, weight, bias, spec):
+        ctx.spec = spec
+        return spec.forward(x.double(), weight.double(), bias.double()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        z, weight, r, std = ctx.saved_tensors
-        layer, dims, shape = ctx.layer, ctx.dims, ctx.shape
-        g = dy * weight.view(shape) * r.view(shape)
-        gz = (g * z).mean(dims)
-        layer.buffer_gz[ctx.t % layer.B] = gz
-        mgz = gz if ctx.use_batch else layer.buffer_gz.mean(0)
-        dx = (g - z * mgz.view(shape)) / std.view(shape)
-        dw = (dy * r.view(shape) * z).sum(dims)
-        db = dy.sum(dims)
-        return dx, dw, db, None
+        dx, dw, db = ctx.spec.backward(dy.double())
+        return dx.to(dy.dtype), dw.float(), db.float(), None
 
 
 class NaiveMABN(nn.Module):
-    """Module holding the naive implementation's state (hyper-parameters as MABN's)."""
+    """The reference's state as a layer (hyper-parameters as MABN's)."""
 
     def __init__(self, c, buffer_size, warmup_iters, renorm_iters, r_max=5.0,
                  momentum=0.02, eps=1e-5):
         super().__init__()
-        self.B, self.warmup_iters, self.renorm_iters = buffer_size, warmup_iters, renorm_iters
-        self.r_max, self.momentum, self.eps = r_max, momentum, eps
+        self.spec = SpecMABN(c, buffer_size, warmup_iters, renorm_iters, r_max, momentum,
+                             eps, xp=torch)
         self.weight = nn.Parameter(torch.ones(c))
         self.bias = nn.Parameter(torch.zeros(c))
-        self.register_buffer('running_var', torch.ones(c))
-        self.register_buffer('t', torch.tensor(0))
-        self.register_buffer('buffer_x2', torch.zeros(buffer_size, c))
-        self.register_buffer('buffer_gz', torch.zeros(buffer_size, c))
 
     def forward(self, x):
-        if not self.training:  # the eval map, as the obvious chain of ops
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            z = x / (self.running_var + self.eps).sqrt().view(shape)
-            return z * self.weight.view(shape) + self.bias.view(shape)
-        return NaiveMABNFunction.apply(x, self.weight, self.bias, self)
+        if not self.training:
+            w, b = self.weight.detach().double(), self.bias.detach().double()
+            return self.spec.eval(x.double(), w, b).to(x.dtype)
+        return NaiveMABNFunction.apply(x, self.weight, self.bias, self.spec)
 
 
 # MABN layers start past warm-up with renorm on: the steady state, every step's path
@@ -161,7 +133,7 @@ def _steady_mabn(cls):
 
 def _naive_mabn(c):
     layer = NaiveMABN(c, **STEADY)
-    layer.t.fill_(1000)
+    layer.spec.t = 1000
     return layer
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmdet_bnplug.layers.mabn import MABN
+from mmdet_bnplug.testing.mabn_reference import SpecMABN
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'mabn_path')  # tiny tensors
 
@@ -19,58 +20,6 @@ PHASES = {(True, False), (False, False), (False, True)}
 HPARAMS_LONG_BUFFER = dict(buffer_size=9, warmup_iters=3, renorm_iters=0, r_max=1.5,
                            momentum=0.05, eps=1e-3)
 PHASES_LONG_BUFFER = {(True, False), (True, True), (False, True)}
-
-
-class SpecMABN:
-    """The spec's pseudo-code, line by line, in numpy float64 with explicit state."""
-
-    def __init__(self, c, buffer_size, warmup_iters, renorm_iters, r_max, momentum, eps):
-        self.B, self.warmup, self.renorm = buffer_size, warmup_iters, renorm_iters
-        self.r_max, self.m, self.eps = r_max, momentum, eps
-        self.running_var = np.ones(c)
-        self.t = 0
-        self.buffer_x2 = np.zeros((buffer_size, c))
-        self.buffer_gz = np.zeros((buffer_size, c))
-
-    @staticmethod
-    def _per_channel(a):  # (N, C, *) -> (C, n)
-        return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
-
-    def _bc(self, v, like):  # (C,) -> broadcastable against (N, C, *)
-        return v.reshape((1, -1) + (1, ) * (like.ndim - 2))
-
-    def forward(self, x, w, b):
-        self.t += 1
-        t, B = self.t, self.B
-        x2 = (self._per_channel(x)**2).mean(1)
-        self.buffer_x2[t % B] = x2
-        self.use_batch = (t <= B) or (t < self.warmup)
-        s2 = x2 if self.use_batch else self.buffer_x2.mean(0)
-        z = x / self._bc(np.sqrt(s2 + self.eps), x)
-        r = np.sqrt(s2 + self.eps) / np.sqrt(self.running_var + self.eps)
-        if t <= max(self.renorm, self.warmup):
-            r = np.ones_like(r)
-        else:
-            r = np.clip(r, 1 / self.r_max, self.r_max)
-        y = self._bc(w, x) * (self._bc(r, x) * z) + self._bc(b, x)
-        self.running_var = (1 - self.m) * self.running_var + self.m * s2
-        self.saved = (z, r, s2, w)
-        return y
-
-    def backward(self, dy):
-        z, r, s2, w = self.saved
-        g = dy * self._bc(w, dy) * self._bc(r, dy)
-        gz = self._per_channel(g * z).mean(1)
-        self.buffer_gz[self.t % self.B] = gz
-        mgz = gz if self.use_batch else self.buffer_gz.mean(0)
-        dx = (g - z * self._bc(mgz, z)) / self._bc(np.sqrt(s2 + self.eps), z)
-        dw = self._per_channel(dy * self._bc(r, dy) * z).sum(1)
-        db = self._per_channel(dy).sum(1)
-        return dx, dw, db
-
-    def eval(self, x, w, b):
-        return (self._bc(w, x) * x / self._bc(np.sqrt(self.running_var + self.eps), x) +
-                self._bc(b, x))
 
 
 # (N, C, *) shapes cycled through: ranks 2 to 5, batch 1 with 1x1 spatial

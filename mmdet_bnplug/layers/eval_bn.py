@@ -5,16 +5,12 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._checks import check_bn_args
+from ._utils import cast, channel_view, stat_dtype
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Below this many input elements the native kernel's saved input is negligible and
 # beats a Python autograd Function on time: the frozen path uses it there too.
 _NATIVE_BELOW = 1 << 18
-
-
-def _cast(tensor, dtype):
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _trains(param):
@@ -32,8 +28,8 @@ class _FrozenAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         scale, = ctx.saved_tensors
-        shape = (1, -1) + (1, ) * (grad.dim() - 2)
-        return grad * scale.to(grad.dtype).view(shape), None, None, None, None, None, None
+        dx = grad * channel_view(cast(scale, grad.dtype), grad.dim())
+        return dx, None, None, None, None, None, None
 
 
 @MODELS.register_module()
@@ -76,9 +72,9 @@ class EvalBN(_BatchNorm):
     def forward(self, x):
         self._check_input_dim(x)
         mean, var, weight, bias = self.running_mean, self.running_var, self.weight, self.bias
-        dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        dtype = stat_dtype(x.dtype)
         if var.dtype != dtype or (weight is not None and weight.dtype != dtype):
-            mean, var, weight, bias = (_cast(t, dtype) for t in (mean, var, weight, bias))
+            mean, var, weight, bias = (cast(t, dtype) for t in (mean, var, weight, bias))
         if (x.requires_grad and x.numel() >= _NATIVE_BELOW and torch.is_grad_enabled()
                 and not _trains(self.weight) and not _trains(self.bias)):
             scale = torch.rsqrt(var + self.eps)

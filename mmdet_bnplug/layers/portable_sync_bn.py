@@ -18,28 +18,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.recompute import inside_backward
 from ._checks import check_bn_args
+from ._utils import cast, channel_view, reduce_dims, stat_dtype
 
 # group_size -> (default process group it was made under, this rank's subgroup)
 _SUBGROUPS = {}
 
 
-def _stat_dtype(x):
-    """Statistics in float64 for float64 input, else in float32 (also under autocast)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _channel_view(v, x):
-    """Per-channel vector ``(C,)`` as ``(1, C, 1, ...)`` to broadcast against ``x``."""
-    return v.view([1, -1] + [1] * (x.dim() - 2))
-
-
-def _reduce_dims(x):
-    return [0] + list(range(2, x.dim()))
-
-
 def _centred(x, mean):
     """``x - mean`` per channel as a new tensor in the statistics' dtype."""
-    return x.to(mean.dtype) - _channel_view(mean, x)
+    return x.to(mean.dtype) - channel_view(mean, x.dim())
 
 
 def _collective(op, what, *args, **kwargs):
@@ -91,12 +78,12 @@ def global_batch_stats(x, group):
     against the spread. ``group=None``: this rank alone, no collective. The count is a
     Python int (0 when every rank's batch is empty, then mean and variance are 0).
     """
-    sd = _stat_dtype(x)
+    sd = stat_dtype(x.dtype)
     channels = x.shape[1]
     n = x.numel() // channels
     if n:  # two passes: mean, then squared deviations from it (torch.var_mean is slow on CPU)
-        mean = x.detach().to(sd).sum(_reduce_dims(x)) / n
-        m2 = _centred(x.detach(), mean).square_().sum(_reduce_dims(x))
+        mean = x.detach().to(sd).sum(reduce_dims(x)) / n
+        m2 = _centred(x.detach(), mean).square_().sum(reduce_dims(x))
     else:
         mean = m2 = x.new_zeros(channels, dtype=sd)
     local = torch.cat([mean.new_full((1, ), n), mean, m2])
@@ -122,21 +109,21 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, count, group):
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        y = _centred(x, mean).mul_(_channel_view(scale, x))
+        scale = invstd if weight is None else invstd * cast(weight, invstd.dtype)
+        y = _centred(x, mean).mul_(channel_view(scale, x.dim()))
         if bias is not None:
-            y.add_(_channel_view(bias, x))
+            y.add_(channel_view(bias, x.dim()))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count, ctx.group = count, group
-        return y.to(x.dtype)
+        return cast(y, x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, mean, invstd = ctx.saved_tensors
-        dims = _reduce_dims(x)
+        dims = reduce_dims(x)
         dy = grad_y.to(mean.dtype)
-        xhat = _centred(x, mean).mul_(_channel_view(invstd, x))
+        xhat = _centred(x, mean).mul_(channel_view(invstd, x.dim()))
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * xhat).sum(dims)
         grad_x = grad_w = grad_b = None
@@ -146,15 +133,16 @@ class _GlobalBatchNorm(torch.autograd.Function):
                 _collective(dist.all_reduce, 'all_reduce of gradient statistics', sums,
                             group=ctx.group)
             mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            scale = invstd if weight is None else invstd * cast(weight, invstd.dtype)
             # (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd, in xhat's storage
-            grad_x = (xhat.mul_(_channel_view(-mean_dy_xhat, x)).add_(dy)
-                      .sub_(_channel_view(mean_dy, x)).mul_(_channel_view(scale, x))
-                      .to(x.dtype))
+            dim = x.dim()
+            grad_x = cast(xhat.mul_(channel_view(-mean_dy_xhat, dim)).add_(dy)
+                          .sub_(channel_view(mean_dy, dim)).mul_(channel_view(scale, dim)),
+                          x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = sum_dy_xhat.to(weight.dtype)
+            grad_w = cast(sum_dy_xhat, weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = sum_dy.to(weight.dtype)
+            grad_b = cast(sum_dy, weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -204,7 +192,8 @@ class PortableSyncBN(_BatchNorm):
         """Empty output that still reaches weight and bias (zero gradients, for DDP)."""
         if not self.affine:
             return x.clone()
-        return (x * _channel_view(self.weight, x) + _channel_view(self.bias, x)).to(x.dtype)
+        return cast(x * channel_view(self.weight, x.dim()) + channel_view(self.bias, x.dim()),
+                    x.dtype)
 
     def _updates_statistics(self) -> bool:
         """Whether this call advances the running statistics: a training-mode call,
