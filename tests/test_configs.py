@@ -26,3 +26,20 @@ def test_config_loads_and_model_builds(path):
     with torch.no_grad():
         feats = model.extract_feat(torch.rand(1, 3, size, size))
     assert len(feats) == cfg.model.neck.num_outs
+
+
+@pytest.mark.parametrize('name', ['mask_rcnn_r50_fpn_mabn_scratch_2x_coco',
+                                  'mask_rcnn_r50_fpn_mabn_finetune_2x_coco'])
+def test_mabn_mask_rcnn_puts_mabn_and_convwc_where_the_paper_does(name):
+    from mmdet_bnplug.layers import MABN, ConvWC
+    register_all_modules(init_default_scope=True)
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'mask_rcnn', name + '.py'))
+    model = MODELS.build(cfg.model)
+    for part in ('backbone', 'neck', 'roi_head.bbox_head', 'roi_head.mask_head'):
+        modules = list(model.get_submodule(part).modules())
+        assert any(isinstance(m, MABN) for m in modules), part
+        assert any(isinstance(m, ConvWC) for m in modules), part
+        assert not any(type(m) is torch.nn.BatchNorm2d for m in modules), part
+    assert type(model.roi_head.bbox_head).__name__ == 'Shared4Conv1FCBBoxHead'
+    assert cfg.train_cfg.max_epochs == 24
+    assert (cfg.model.backbone.init_cfg is None) == ('scratch' in name)

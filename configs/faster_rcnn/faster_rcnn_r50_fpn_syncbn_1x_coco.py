@@ -1,0 +1,7 @@
+# Faster R-CNN R50-FPN 1x on COCO 2017 with PortableSyncBN in the backbone, trained (not
+# frozen): batch statistics over the images of all processes, on GPUs (nccl) or CPU (gloo).
+#   tools/dist_train.sh configs/faster_rcnn/faster_rcnn_r50_fpn_syncbn_1x_coco.py 8
+_base_ = './faster_rcnn_r50_fpn_bn_1x_coco.py'
+
+model = dict(backbone=dict(norm_cfg=dict(type='PortableSyncBN', requires_grad=True),
+                           norm_eval=False))

@@ -1,0 +1,7 @@
+# Mask R-CNN R50-FPN 1x on COCO 2017 with EvalBN in the backbone: the ImageNet BN
+# statistics cannot move in any mode, and NormEvalCheckHook verifies it during training.
+_base_ = './mask_rcnn_r50_fpn_bn_1x_coco.py'
+
+model = dict(
+    backbone=dict(norm_cfg=dict(type='EvalBN', requires_grad=True), norm_eval=True))
+custom_hooks = [dict(type='NormEvalCheckHook', interval=500, action='error')]
