@@ -106,8 +106,8 @@ def make_batches(count, batch_size, seed):
                                                  ori_shape=(size, size),
                                                  scale_factor=(1.0, 1.0)))
             sample.gt_instances = InstanceData(
-                bboxes=torch.tensor([box for _, box in objects], dtype=torch.float32),
-                labels=torch.tensor([cls for cls, _ in objects], dtype=torch.long))
+                bboxes=torch.tensor([box for _, box, _ in objects], dtype=torch.float32),
+                labels=torch.tensor([cls for cls, _, _ in objects], dtype=torch.long))
             samples.append(sample)
         batches.append(dict(inputs=inputs, data_samples=samples))
     return batches

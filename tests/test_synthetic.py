@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmdet_bnplug.testing.synthetic import (CLASSES, SyntheticSpec, _background, make_image,
-                                    write_split)
+                                            write_split)
 
 
 def test_same_seed_same_dataset_other_seed_differs(tmp_path):
@@ -45,7 +45,7 @@ def test_shapes_fill_their_boxes_and_nothing_else():
         background = _background(np.random.default_rng(seed), spec.image_size)
         changed = (img != background).any(-1)
         outside = np.ones_like(changed)
-        for _, (x0, y0, x1, y1) in objects:
+        for _, (x0, y0, x1, y1), _ in objects:
             # anti-aliased edges may touch one pixel beyond the box
             outside[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = False
             assert changed[y0:y1, x0:x1].mean() > 0.4  # a triangle fills half its box
@@ -66,3 +66,29 @@ def test_bad_spec_is_refused(tmp_path, kwargs, name):
 def test_bad_image_count_is_refused(tmp_path):
     with pytest.raises(ValueError, match='num_images'):
         write_split(str(tmp_path), 'train', 0, seed=0)
+
+
+def test_masks_are_the_visible_silhouettes(tmp_path):
+    """Each mask lies in its box, covers most of the pixels the shape changed, masks of
+    one image are disjoint (later shapes hide earlier ones), and the RLE in the json
+    decodes to it."""
+    from pycocotools import mask as mask_utils
+    spec = SyntheticSpec()
+    for seed in range(20):
+        img, objects = make_image(np.random.default_rng(seed), spec)
+        background = _background(np.random.default_rng(seed), spec.image_size)
+        changed = (np.abs(img.astype(int) - background).sum(-1) > 30)
+        union = np.zeros(changed.shape, bool)
+        for _, (x0, y0, x1, y1), mask in objects:
+            assert mask.any() and not mask[:y0].any() and not mask[y1:].any()
+            assert not mask[:, :x0].any() and not mask[:, x1:].any()
+            assert changed[mask].mean() > 0.95  # a mask pixel is a shape pixel
+            assert not (union & mask).any()
+            union |= mask
+    coco = json.load(open(write_split(str(tmp_path), 'train', 3, seed=5)))
+    _, objects = make_image(np.random.default_rng(5), spec)  # the first image's objects
+    first = [a for a in coco['annotations'] if a['image_id'] == 1]
+    for ann, (_, _, mask) in zip(first, objects):
+        decoded = mask_utils.decode(dict(ann['segmentation'],
+                                         counts=ann['segmentation']['counts'].encode()))
+        assert np.array_equal(decoded.astype(bool), mask)

@@ -5,6 +5,9 @@ Deterministic for a seed. Each image holds 1 to ``max_objects`` shapes of five c
 textures with unannotated clutter (thin lines, dots), so that a small detector trained
 from scratch on CPU learns it in minutes yet does not saturate the metric.
 Written as ``<out_dir>/<split>/*.png`` plus ``<out_dir>/annotations/<split>.json``.
+Each annotation has its box and its instance mask: the shape's exact visible silhouette
+(as rendered, minus the parts of shapes drawn over it), COCO RLE. ``area`` is the box's,
+so that the box metrics' size ranges do not depend on the masks.
 """
 import json
 import os
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 
 CLASSES = ('circle', 'square', 'triangle', 'ring', 'cross')
 _SUBPIXEL_BITS = 4
@@ -145,8 +149,17 @@ def _sample_boxes(rng, spec):
     return boxes
 
 
+def _silhouette(cls, box, size):
+    """The pixels shape ``cls`` covers in ``box``, as drawn (anti-aliased edges at half
+    coverage), bool (size, size)."""
+    canvas = np.zeros((size, size), np.uint8)
+    _draw(canvas, cls, box, 255)
+    return canvas >= 128
+
+
 def make_image(rng, spec):
-    """One image (uint8 HxWx3, RGB) and its objects as (class index, (x0, y0, x1, y1))."""
+    """One image (uint8 HxWx3, RGB) and its objects as (class index, (x0, y0, x1, y1),
+    visible mask bool HxW)."""
     img = _background(rng, spec.image_size)
     objects = []
     for box in _sample_boxes(rng, spec):
@@ -154,8 +167,17 @@ def make_image(rng, spec):
         x0, y0, x1, y1 = box
         colour = _contrasting_colour(rng, img[y0:y1, x0:x1].reshape(-1, 3).mean(0))
         _draw(img, CLASSES[cls_idx], box, colour)
-        objects.append((cls_idx, box))
+        mask = _silhouette(CLASSES[cls_idx], box, spec.image_size)
+        for _, _, earlier in objects:  # the new shape hides what it covers
+            earlier &= ~mask
+        objects.append((cls_idx, box, mask))
     return img, objects
+
+
+def _rle(mask):
+    """COCO compressed RLE of a bool mask, with a JSON-ready ``counts`` string."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return dict(size=[int(v) for v in rle['size']], counts=rle['counts'].decode('ascii'))
 
 
 def write_split(out_dir, split, num_images, seed, spec=SyntheticSpec()):
@@ -175,11 +197,11 @@ def write_split(out_dir, split, num_images, seed, spec=SyntheticSpec()):
         cv2.imwrite(os.path.join(image_dir, file_name), img[..., ::-1])
         images.append(dict(id=image_id, file_name=file_name, width=spec.image_size,
                            height=spec.image_size))
-        for cls_idx, (x0, y0, x1, y1) in objects:
+        for cls_idx, (x0, y0, x1, y1), mask in objects:
             w, h = x1 - x0, y1 - y0
             annotations.append(dict(id=len(annotations) + 1, image_id=image_id,
                                     category_id=cls_idx + 1, bbox=[x0, y0, w, h],
-                                    area=w * h, iscrowd=0))
+                                    area=w * h, iscrowd=0, segmentation=_rle(mask)))
     coco = dict(images=images, annotations=annotations,
                 categories=[dict(id=i + 1, name=name) for i, name in enumerate(CLASSES)])
     ann_file = os.path.join(ann_dir, f'{split}.json')
