@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml setup.py mmdet_bnplug/ops/csrc/mabn_cpu.cpp Makefile
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \
 		MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$$(nproc) \
 		$(PIP) install --no-build-isolation '$(MMCV_SPEC)'
-	$(PIP) install --no-build-isolation -e '.[dev]'
+	$(PIP) install --no-build-isolation -e '.[dev,mmseg]'
 	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.layers.mabn as m; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; MABN compiled CPU step:', m._mabn_cpu is not None)"
 	touch $(STAMP)
 
