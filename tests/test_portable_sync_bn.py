@@ -31,7 +31,8 @@ def affine_pair(dtype=torch.float64, momentum=0.1, dim=4):
 def global_bn(x, weight, bias, eps=1e-5):
     """The synchronised code path with no process group: this process is the group."""
     mean, var, count = global_batch_stats(x, None)
-    return _GlobalBatchNorm.apply(x, weight, bias, mean, torch.rsqrt(var + eps), count, None)
+    return _GlobalBatchNorm.apply(x, weight, bias, mean, var, torch.rsqrt(var + eps), count,
+                                  None, eps)
 
 
 @pytest.mark.parametrize('shape', [(6, C), (3, C, 5), (2, C, 3, 4), (2, C, 2, 3, 2)])
@@ -143,3 +144,33 @@ def test_built_by_mmcv_with_and_without_mmdet_scope(scope):
     assert name == 'bn1' and isinstance(layer, PortableSyncBN)
     assert (layer.group_size, layer.momentum) == (2, 0.05)
     assert not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
+def test_global_path_float32_with_large_mean_is_as_precise_as_bn(channels_last):
+    """mean/std = 1e4 in float32: output and gradients of the global path against a
+    float64 reference on the same input are within twice nn.BatchNorm2d's own error."""
+    g = torch.Generator().manual_seed(0)
+    x32 = (torch.randn(4, C, 12, 12, generator=g, dtype=torch.float64) + 1e4).float()
+    if channels_last:
+        x32 = x32.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x32.shape, generator=g).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    def run(dtype, use_bn):
+        bn = nn.BatchNorm2d(C).to(dtype)
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, C))
+            bn.bias.copy_(torch.linspace(-0.2, 0.3, C))
+        x = x32.to(dtype).requires_grad_()
+        y = bn(x) if use_bn else global_bn(x, bn.weight, bn.bias)
+        y.backward(dy.to(dtype))
+        return [t.detach().double() for t in (y, x.grad, bn.weight.grad, bn.bias.grad)]
+
+    reference = run(torch.float64, True)
+    ours, theirs = run(torch.float32, False), run(torch.float32, True)
+    for name, got, bn32, ref in zip(('y', 'dx', 'dw', 'db'), ours, theirs, reference):
+        scale = ref.abs().max().item()
+        err, bn_err = ((got - ref).abs().max().item() / scale,
+                       (bn32 - ref).abs().max().item() / scale)
+        assert err <= 2 * bn_err + 1e-6, (name, err, bn_err)

@@ -70,80 +70,107 @@ def _process_group(group_size):
     return cached[1]
 
 
-def global_batch_stats(x, group):
-    """Mean, biased variance ``(C,)`` and element count per channel over the group's batch.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_bn_backward = torch.ops.aten.native_batch_norm_backward
 
-    Each rank contributes (count, mean, sum of squared deviations M2) in one all_gather;
-    they are combined exactly (Chan et al.), which keeps precision when the mean is large
-    against the spread. ``group=None``: this rank alone, no collective. The count is a
-    Python int (0 when every rank's batch is empty, then mean and variance are 0).
+
+def _local_moments(x, sd):
+    """This rank's per-channel ``(mean, M2)`` (M2 = sum of squared deviations) in ``sd``.
+
+    fp32/fp64 input: BN's own statistics kernel, one fused pass, as precise as BN's.
+    fp16/bf16 input: two passes in fp32 (that kernel would round the statistics to the
+    input's precision)."""
+    n = x.numel() // x.shape[1]
+    if n == 0:
+        zeros = x.new_zeros(x.shape[1], dtype=sd)
+        return zeros, zeros
+    x = x.detach()
+    if x.dtype in _LOW_PRECISION:
+        mean = x.to(sd).sum(reduce_dims(x)) / n
+        return mean, _centred(x, mean).square_().sum(reduce_dims(x))
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    return mean, var * n
+
+
+def global_batch_stats(x, group):
+    """Mean, biased variance ``(C,)`` and element count over the group's batch.
+
+    Each rank contributes (count, mean, M2) in one all_gather; they are combined exactly
+    (Chan et al.), which keeps precision when the mean is large against the spread.
+    ``group=None``: this rank alone, no collective. The count is a 0-dim tensor (no
+    host-device sync); when the whole group's batch is empty, mean and variance are 0.
     """
     sd = stat_dtype(x.dtype)
     channels = x.shape[1]
-    n = x.numel() // channels
-    if n:  # two passes: mean, then squared deviations from it (torch.var_mean is slow on CPU)
-        mean = x.detach().to(sd).sum(reduce_dims(x)) / n
-        m2 = _centred(x.detach(), mean).square_().sum(reduce_dims(x))
-    else:
-        mean = m2 = x.new_zeros(channels, dtype=sd)
-    local = torch.cat([mean.new_full((1, ), n), mean, m2])
+    mean, m2 = _local_moments(x, sd)
+    local = torch.cat([mean.new_full((1, ), x.numel() // channels), mean, m2])
     if group is None:
         gathered = local[None]
     else:
         gathered = local.new_empty(dist.get_world_size(group), local.numel())
         _all_gather(gathered, local[None], group)
     counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
-    total = int(counts.sum().item())
-    if total == 0:
-        return torch.zeros_like(means[0]), torch.zeros_like(means[0]), 0
-    mean = (counts * means).sum(0) / total
+    total = counts.sum()
+    safe = total.clamp_min(1)
+    mean = (counts * means).sum(0) / safe
     m2 = (m2s + counts * (means - mean)**2).sum(0)
-    return mean, m2 / total, total
+    return mean, m2 / safe, total
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
     """``y = (x - mean) * invstd * w + b`` with given global statistics; the backward
     gives BN's input gradient on the group's concatenated batch (one all_reduce) and this
-    rank's own contribution to the weight and bias gradients. Temporaries are updated in
-    place: on CPU each fresh full-size tensor costs more than the arithmetic."""
+    rank's own contribution to the weight and bias gradients.
+
+    BN's cost: the output is one pass of BN's eval kernel; the backward is one fused
+    reduction pass (``sum(dy)``, ``sum(dy * xhat)``, BN's backward kernel), then
+    ``dx = A * dy + B * (x - mean) + C`` per channel (two passes), without ``xhat`` or any
+    other full-size temporary. Saves only ``x`` (and per-channel vectors)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, group):
-        scale = invstd if weight is None else invstd * cast(weight, invstd.dtype)
-        y = _centred(x, mean).mul_(channel_view(scale, x.dim()))
-        if bias is not None:
-            y.add_(channel_view(bias, x.dim()))
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count, ctx.group = count, group
-        return cast(y, x.dtype)
+    def forward(ctx, x, weight, bias, mean, var, invstd, count, group, eps):
+        sd = mean.dtype
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.group = group
+        if x.numel() == 0:  # BN's kernels refuse empty input; this rank still takes part
+            return torch.empty_like(x)
+        y = torch.batch_norm(x, cast(weight, sd), cast(bias, sd), mean, var, False, 0.0,
+                             eps, torch.backends.cudnn.enabled)
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dims = reduce_dims(x)
-        dy = grad_y.to(mean.dtype)
-        xhat = _centred(x, mean).mul_(channel_view(invstd, x.dim()))
-        sum_dy = dy.sum(dims)
-        sum_dy_xhat = (dy * xhat).sum(dims)
+    def backward(ctx, dy):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        sd = mean.dtype
+        # this rank's sum(dy * xhat) and sum(dy), in one pass
+        if x.numel() == 0:
+            sum_dy_xhat = sum_dy = torch.zeros_like(mean)
+        else:
+            _, sum_dy_xhat, sum_dy = _bn_backward(dy, x, None, None, None, mean, invstd,
+                                                  True, 0.0, [False, True, True])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_dy, sum_dy_xhat])
+            sums = torch.cat([sum_dy, sum_dy_xhat]).to(sd)
             if ctx.group is not None:
                 _collective(dist.all_reduce, 'all_reduce of gradient statistics', sums,
                             group=ctx.group)
-            mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
-            scale = invstd if weight is None else invstd * cast(weight, invstd.dtype)
-            # (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd, in xhat's storage
-            dim = x.dim()
-            grad_x = cast(xhat.mul_(channel_view(-mean_dy_xhat, dim)).add_(dy)
-                          .sub_(channel_view(mean_dy, dim)).mul_(channel_view(scale, dim)),
-                          x.dtype)
+            mean_dy, mean_dy_xhat = (sums / count.clamp_min(1)).chunk(2)
+            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+            #    = a * dy + b * (x - mean) + c
+            a = invstd if weight is None else invstd * cast(weight, sd)
+            b, c = -a * invstd * mean_dy_xhat, -a * mean_dy
+            if x.numel() == 0:
+                grad_x = torch.empty_like(x)
+            else:
+                grad_x = torch.batch_norm(x, b, c, mean, torch.ones_like(mean), False, 0.0,
+                                          0.0, torch.backends.cudnn.enabled)
+                grad_x.addcmul_(dy, channel_view(cast(a, grad_x.dtype), x.dim()))
         if ctx.needs_input_grad[1]:
             grad_w = cast(sum_dy_xhat, weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = cast(sum_dy, weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 @MODELS.register_module()
@@ -207,11 +234,14 @@ class PortableSyncBN(_BatchNorm):
         return 1.0 / (float(self.num_batches_tracked) + 1.0)
 
     @torch.no_grad()
-    def _commit(self, mean, var):
+    def _commit(self, mean, var, valid=None):
         """Store a step's updated running statistics, unless they are not finite (an
-        inf or NaN in the batch, e.g. an fp16 overflow that GradScaler will skip): then
-        nothing changes, counter included. A masked update, no host-device sync."""
+        inf or NaN in the batch, e.g. an fp16 overflow that GradScaler will skip) or
+        ``valid`` (a bool tensor) is false: then nothing changes, counter included. A
+        masked update, no host-device sync."""
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if valid is not None:
+            finite = finite & valid
         self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
         self.running_var.copy_(torch.where(finite, var, self.running_var))
         self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
@@ -219,9 +249,10 @@ class PortableSyncBN(_BatchNorm):
     @torch.no_grad()
     def _update_running_stats(self, mean, var, count):
         momentum = self._momentum_now()
-        unbiased = var * (count / (count - 1))
+        unbiased = var * (count / (count - 1).clamp_min(1))
         self._commit(self.running_mean.lerp(mean.to(self.running_mean.dtype), momentum),
-                     self.running_var.lerp(unbiased.to(self.running_var.dtype), momentum))
+                     self.running_var.lerp(unbiased.to(self.running_var.dtype), momentum),
+                     valid=count > 1)  # an empty group's batch, or one value, moves nothing
 
     def _local_forward(self, x):
         """Plain BN on this rank's batch by BN's own kernel, which updates copies of the
@@ -245,13 +276,16 @@ class PortableSyncBN(_BatchNorm):
                 return self._empty_output(x)
             return self._local_forward(x)
         mean, var, count = global_batch_stats(x, group)
-        if count == 0:
-            return self._empty_output(x)
-        if count == 1:
-            raise ValueError('PortableSyncBN: expected more than 1 value per channel over '
-                             f'the group in training, got input of shape {tuple(x.shape)} '
-                             'on this rank and 1 value in total')
+        if x.device.type == 'cpu':  # reading the count is free on the CPU
+            total = int(count)
+            if total == 0:
+                return self._empty_output(x)
+            if total == 1:
+                raise ValueError('PortableSyncBN: expected more than 1 value per channel '
+                                 'over the group in training, got input of shape '
+                                 f'{tuple(x.shape)} on this rank and 1 value in total')
         if self._updates_statistics():
             self._update_running_stats(mean, var, count)
         invstd = torch.rsqrt(var + self.eps)
-        return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, invstd, count, group)
+        return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, var, invstd, count,
+                                      group, self.eps)
