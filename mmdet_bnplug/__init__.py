@@ -9,7 +9,8 @@ from . import patches
 
 patches.apply_enabled()
 
-from . import engine  # noqa: E402,F401  (registers NormEvalCheckHook)
-from . import layers  # noqa: E402,F401  (registers MABN, ConvWC, EvalBN, PortableSyncBN, NormEval)
+# registers the hooks and optimizer wrapper, then MABN, ConvWC, EvalBN, PortableSyncBN
+# and NormEval
+from . import engine, layers  # noqa: E402,F401
 
 __version__ = '0.1.0'

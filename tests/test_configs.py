@@ -4,9 +4,9 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.config import Config
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
+from mmengine.config import Config
 
 from conftest import REPO
 from run_config import check_norm_types

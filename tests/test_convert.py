@@ -7,10 +7,10 @@ from mmengine.registry import MODELS
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401
-from mmdet_bnplug.utils.bn_like import bn_like_layers
-from mmdet_bnplug.transforms import convert_norm
 from mmdet_bnplug.layers.eval_bn import EvalBN
-from norm_helpers import StandInMABN, max_rel_err, randomise_norms
+from mmdet_bnplug.transforms import convert_norm
+from mmdet_bnplug.utils.bn_like import bn_like_layers
+from norm_helpers import StandInMABN, randomise_norms
 
 
 def resnet(**kwargs):

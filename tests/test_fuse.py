@@ -9,8 +9,8 @@ from mmdet.models.layers import FrozenBatchNorm2d
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401
-from mmdet_bnplug.utils.bn_like import bn_like_layers
 from mmdet_bnplug.transforms import convert_norm, fuse_norm
+from mmdet_bnplug.utils.bn_like import bn_like_layers
 from norm_helpers import StandInConvWC, StandInMABN, max_rel_err, randomise_norms
 
 

@@ -8,8 +8,8 @@ from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401  (registers NormEval, EvalBN)
-from mmdet_bnplug.utils.bn_like import bn_like_layers
 from mmdet_bnplug.layers.norm_eval import NormEvalMixin, apply_norm_eval
+from mmdet_bnplug.utils.bn_like import bn_like_layers
 
 
 class _PlainBackbone(nn.Module):

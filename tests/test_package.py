@@ -1,8 +1,8 @@
 """Importing the package (directly or through a config's custom_imports) registers its
 names in mmengine's root registries, where every OpenMMLab scope finds them."""
 import subprocess
-import warnings
 import sys
+import warnings
 
 import pytest
 from mmengine.registry import HOOKS, MODELS

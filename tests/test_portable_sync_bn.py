@@ -8,8 +8,11 @@ from mmcv.cnn import build_norm_layer
 from mmengine.registry import DefaultScope
 from torch import nn
 
-from mmdet_bnplug.layers.portable_sync_bn import (PortableSyncBN, _GlobalBatchNorm,
-                                                 global_batch_stats)
+from mmdet_bnplug.layers.portable_sync_bn import (
+    PortableSyncBN,
+    _GlobalBatchNorm,
+    global_batch_stats,
+)
 
 C = 4
 

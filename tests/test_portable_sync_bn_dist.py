@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import CollectiveCounter, run_distributed
 from torch import nn
 
+from dist_utils import CollectiveCounter, run_distributed
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN, _process_group
 
 C, SPATIAL, MOMENTUM, STEPS = 3, (4, 5), 0.3, 2

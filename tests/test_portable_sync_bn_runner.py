@@ -6,14 +6,14 @@ import mmengine.model
 import mmengine.runner.runner
 import pytest
 import torch
-from conftest import REPO, data_root_options
-from dist_utils import free_port, run_launcher
 from mmengine.registry import MODELS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdet_bnplug.patches import sync_bn_conversion
+from conftest import REPO, data_root_options
+from dist_utils import free_port, run_launcher
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN
+from mmdet_bnplug.patches import sync_bn_conversion
 
 
 class UserSyncBN(PortableSyncBN):

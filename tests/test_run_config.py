@@ -3,13 +3,18 @@ import argparse
 import os.path as osp
 
 import pytest
+import torch.distributed as dist
 from mmengine.config import Config
 
-import torch.distributed as dist
 from conftest import TOY_BN_CONFIG, run_tool
 from dist_utils import run_distributed
-from run_config import (add_common_args, check_datasets, check_norm_types,
-                                     close_distributed, load_config)
+from run_config import (
+    add_common_args,
+    check_datasets,
+    check_norm_types,
+    close_distributed,
+    load_config,
+)
 
 
 def parse(argv):

@@ -5,8 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from mmdet_bnplug.testing.synthetic import (CLASSES, SyntheticSpec, _background, make_image,
-                                            write_split)
+from mmdet_bnplug.testing.synthetic import (
+    CLASSES,
+    SyntheticSpec,
+    _background,
+    make_image,
+    write_split,
+)
 
 
 def test_same_seed_same_dataset_other_seed_differs(tmp_path):

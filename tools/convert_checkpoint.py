@@ -15,8 +15,8 @@ import os.path as osp
 from mmengine.config import DictAction
 from mmengine.runner.checkpoint import weights_to_cpu
 
-import mmdet_bnplug  # noqa: F401  (registers the plugin)
 import cli
+import mmdet_bnplug  # noqa: F401  (registers the plugin)
 from checkpoint_io import check_output_path, load_model, save_atomic
 from mmdet_bnplug.analysis.norm_report import format_norm_table, norm_table
 from mmdet_bnplug.transforms import convert_norm

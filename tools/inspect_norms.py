@@ -15,8 +15,8 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import HOOKS, init_default_scope
 from mmengine.runner import Runner
 
-import mmdet_bnplug  # noqa: F401  (registers the plugin)
 import cli
+import mmdet_bnplug  # noqa: F401  (registers the plugin)
 from checkpoint_io import load_model
 from mmdet_bnplug.analysis.norm_report import COLUMNS, inspect_norms
 from run_config import check_datasets

@@ -3,9 +3,17 @@
 import argparse
 import time
 
-import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
 import cli
-from run_config import (add_common_args, build_runner, check_checkpoint_path, check_datasets, close_distributed, load_config, use_amp)
+import mmdet_bnplug  # noqa: F401  (registers the plugin: configs need no custom_imports)
+from run_config import (
+    add_common_args,
+    build_runner,
+    check_checkpoint_path,
+    check_datasets,
+    close_distributed,
+    load_config,
+    use_amp,
+)
 from run_summary import RunSummaryHook, summary_line
 
 

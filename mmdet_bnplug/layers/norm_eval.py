@@ -15,7 +15,6 @@ from torch import nn
 from ..utils.bn_like import bn_like_types
 from ._checks import check_bool
 
-
 _MARK = '_bnplug_norm_eval'  # per-layer flag read by the layer's own forward pre-hook
 _BY = '_bnplug_norm_eval_by'  # per-layer: who enforces it (shown by inspect_norms)
 

@@ -1,10 +1,14 @@
 """Fixes to the stack, one module each, applied by ``import mmdet_bnplug``.
 
-| name | what it changes | why |
-| --- | --- | --- |
-| ``safe_loading`` | allow-lists, for torch's ``weights_only`` loading, the classes that mmengine 0.10.7 checkpoints hold | torch >= 2.6 loads with ``weights_only=True`` by default and refuses them |
-| ``cpu_distributed`` | mmengine's PyTorch launcher and DDP wrapper on a machine with no accelerator: gloo, no ``device_ids`` | mmengine calls ``torch.cuda.set_device`` and passes ``device_ids`` for a CPU model |
-| ``sync_bn_conversion`` | the config key ``sync_bn`` converts plain BN only, not this package's layers | mmengine would silently turn MABN or EvalBN into torch's CUDA-only SyncBN |
+- ``safe_loading``: allow-lists, for torch's ``weights_only`` loading, the classes that
+  mmengine 0.10.7 checkpoints hold (torch >= 2.6 loads with ``weights_only=True`` by
+  default and refuses them), and loads URL checkpoints with ``weights_only=True``.
+- ``cpu_distributed``: mmengine's PyTorch launcher and DDP wrapper on a machine with no
+  accelerator use gloo and no ``device_ids`` (mmengine calls ``torch.cuda.set_device``
+  and passes ``device_ids`` for a CPU model).
+- ``sync_bn_conversion``: the config key ``sync_bn`` converts plain BN only, not this
+  package's layers (mmengine would silently turn MABN or EvalBN into torch's CUDA-only
+  SyncBN).
 
 Switch patches off before the import with ``MMDET_BNPLUG_DISABLE_PATCHES`` (a comma-separated
 list of the names above, or ``all``), or after it with ``revert(name)``.

@@ -8,8 +8,8 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..utils.bn_like import bn_like_layers, bn_like_types, eval_affine
 from ..layers.norm_eval import resolve_registered
+from ..utils.bn_like import bn_like_layers, bn_like_types, eval_affine
 
 
 def norm_targets():

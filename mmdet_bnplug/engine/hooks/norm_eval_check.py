@@ -5,8 +5,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ...utils.bn_like import bn_like_layers, layer_state
 from ...analysis.norm_report import changed_buffers, frozen_by_type, frozen_layers
+from ...utils.bn_like import bn_like_layers, layer_state
 
 
 @HOOKS.register_module()
