@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmdet_bnplug.testing.synthetic import SyntheticSpec, generate
+from mmdet_bnplug.testing.threads import torch_threads
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # the tools' own support modules (run_config, checkpoint_io) are imported as the tools do
@@ -19,10 +20,8 @@ TOY_BN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_bn_toy.py')
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one torch thread avoids OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(params=['compiled', 'pytorch'])
