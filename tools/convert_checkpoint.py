@@ -37,16 +37,12 @@ def parse_args(argv=None):
     parser.add_argument('--exclude', nargs='+', help='glob(s) of layer names to keep')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value pairs')
-    args = parser.parse_args(argv)
-    try:
-        check_output_path(args.out, [args.checkpoint, args.config])
-    except ValueError as err:
-        parser.error(str(err))
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_path(args.out, [args.checkpoint, args.config])  # before anything is read or built
     model, _, ckpt = load_model(args.config, args.checkpoint, args.cfg_options,
                                 strict=True)
     to = dict(args.to_options, type=args.to)

@@ -34,16 +34,12 @@ def parse_args(argv=None):
                         'backbone checkpoint (the report then covers that submodule)')
     parser.add_argument('--shape', type=int, nargs='+', default=[1, 3, 800, 1344],
                         help='sample input shape (random normal, as a normalised image)')
-    args = parser.parse_args(argv)
-    try:
-        check_output_path(args.out, [args.checkpoint, args.config])
-    except ValueError as err:
-        parser.error(str(err))
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_path(args.out, [args.checkpoint, args.config])  # before anything is read or built
     cfg = Config.fromfile(args.config)
     check_norm_types(cfg.model)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
