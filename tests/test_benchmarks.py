@@ -69,9 +69,10 @@ def test_bench_norms_quick(tmp_path):
     assert len(table(found, 'Targets')) == 1 + 4
     for prefix in ('fwd+bwd time', 'eval forward time', 'peak memory'):
         assert list(table(found, prefix))[1:] == ['P7']
-    # the same computation allocates the same: 1-process PortableSyncBN is plain BN
+    # 1-process PortableSyncBN is plain BN's kernel: the same memory, plus the per-channel
+    # copies of the running statistics its non-finite guard updates
     memory = table(found, 'peak memory')
-    assert memory['P7'][memory['shape'].index('PortableSyncBN')] == '1.000'
+    assert float(memory['P7'][memory['shape'].index('PortableSyncBN')]) <= 1.01
     sync = table(found, 'PortableSyncBN on 2')['P7']
     assert sync[0] == '2x256x7x11' and sync[-1] == '1+1'
     positive(sync[1]), positive(sync[2]), positive(sync[3])
