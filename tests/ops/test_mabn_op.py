@@ -238,3 +238,29 @@ def test_without_the_build_pytorch_implementation_and_python_autograd_rule():
     result = subprocess.run([sys.executable, '-c', WITHOUT_BUILD], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-3000:]
+
+
+@pytest.mark.filterwarnings('ignore')
+def test_compile_fullgraph_and_export_trace_a_training_step():
+    """torch.compile(fullgraph=True) (AOTAutograd, forward and backward) runs a training
+    step through the ops exactly like eager; torch.export records it as one op."""
+    from mmdet_bnplug.layers.mabn import MABN
+    torch._dynamo.reset()
+    hp = dict(buffer_size=2, warmup_iters=1, renorm_iters=2, r_max=1.5)
+    eager, compiled = MABN(C, **hp), MABN(C, **hp)
+    step = torch.compile(lambda x: compiled(x), backend='aot_eager', fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):  # warm-up, SMA, renorm
+        x = torch.randn(2, C, 3, 3, generator=gen, requires_grad=True)
+        xc = x.detach().clone().requires_grad_()
+        y, yc = eager(x), step(xc)
+        y.square().sum().backward()
+        yc.square().sum().backward()
+        torch.testing.assert_close(yc, y)
+        torch.testing.assert_close(xc.grad, x.grad)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)
+    torch.testing.assert_close(compiled.weight.grad, eager.weight.grad)
+    program = torch.export.export(MABN(C).train(), (torch.randn(2, C, 3, 3), ))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == 'call_function']
+    assert 'mmdet_bnplug.mabn_train.default' in targets
