@@ -264,3 +264,30 @@ def test_compile_fullgraph_and_export_trace_a_training_step():
     program = torch.export.export(MABN(C).train(), (torch.randn(2, C, 3, 3), ))
     targets = [str(n.target) for n in program.graph.nodes if n.op == 'call_function']
     assert 'mmdet_bnplug.mabn_train.default' in targets
+
+
+STALE_BUILD = r'''
+import sys, types, warnings
+sys.modules['mmdet_bnplug.ops._mabn_cpu'] = types.ModuleType('_mabn_cpu')  # an old build
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    import torch
+    from mmdet_bnplug.ops import mabn as mabn_ops
+assert mabn_ops.cpu_kernels is None
+assert any('stale build' in str(w.message) for w in caught), [str(w.message) for w in caught]
+from mmdet_bnplug.layers.mabn import MABN
+MABN(2)(torch.randn(2, 2, 3, 3, requires_grad=True)).sum().backward()
+print('ok')
+'''
+
+
+def test_a_stale_build_is_refused_loudly():
+    """An extension from before the ops (e.g. an old editable install) registers no
+    kernel: the package says so and runs the PyTorch implementation."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    result = subprocess.run([sys.executable, '-c', STALE_BUILD], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-3000:]

@@ -379,4 +379,7 @@ TORCH_LIBRARY_IMPL(mmdet_bnplug, AutogradCPU, m) {
 // Importing the module registers the kernels above (ops/mabn.py imports it).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU kernels of MABN's training-step ops (mmdet_bnplug/ops/csrc/mabn_cpu.cpp)";
+  // what importing registered: ops/mabn.py tells this build from an older one
+  m.attr("REGISTERED") = pybind11::make_tuple("mabn_train", "mabn_train_stats",
+                                              "mabn_train_affine", "mabn_train_backward");
 }
