@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml setup.py mmdet_bnplug/ops/csrc/mabn_cpu.cpp Makefile
 		MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$$(nproc) \
 		$(PIP) install --no-build-isolation '$(MMCV_SPEC)'
 	$(PIP) install --no-build-isolation -e '.[dev,mmseg]'
-	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.layers.mabn as m; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; MABN compiled CPU step:', m._mabn_cpu is not None)"
+	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.ops.mabn as m; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; MABN compiled CPU kernels (mmdet_bnplug.ops._mabn_cpu):', m.cpu_kernels is not None); assert m.cpu_kernels is not None, 'MABN CPU kernels not built'"
 	touch $(STAMP)
 
 # regenerated when the generator changes

@@ -56,6 +56,7 @@ from bench_utils import (DEFAULT_REPEATS, agree_on_most_calls, benchmark_parser,
 from mmdet_bnplug.layers.eval_bn import EvalBN
 from mmdet_bnplug.layers.mabn import MABN
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN
+from mmdet_bnplug.ops import mabn as mabn_ops
 from mmdet_bnplug.testing.mabn_reference import SpecMABN
 
 # (label, shape): every distinct BN input shape of RetinaNet R50 + FPN at batch 2
@@ -116,10 +117,36 @@ class NaiveMABN(nn.Module):
 STEADY = dict(buffer_size=16, warmup_iters=0, renorm_iters=0)
 
 
+class _PyTorchStepFunction(torch.autograd.Function):
+    """MABN's training step by the ops' PyTorch implementation (ops/mabn.py), called
+    directly: its arithmetic, without the dispatcher (the C++ kernels own the CPU key)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        coeffs, step = mabn_ops.train_stats_pytorch(
+            x, layer.running_var, layer.num_batches_tracked, layer.buffer_x2, layer.eps,
+            layer.momentum, layer.r_max, layer.warmup_iters, layer.renorm_iters)
+        ctx.save_for_backward(x, weight, coeffs, step)
+        ctx.layer = layer
+        return mabn_ops.train_affine_pytorch(x, weight, bias, coeffs, step, layer.buffer_gz,
+                                             layer.warmup_iters)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, coeffs, step = ctx.saved_tensors
+        layer = ctx.layer
+        dx, dw, db = mabn_ops.train_backward_pytorch(dy, x, weight, coeffs, step,
+                                                     layer.buffer_gz, layer.warmup_iters,
+                                                     [True, True, True])
+        return dx, dw, db, None
+
+
 class _MABNPyTorchStep(MABN):
-    """MABN on its PyTorch training step on CPU as well: the path of every other device
-    and of an install without the compiled CPU step."""
-    _compiled_cpu_step = MABN._pytorch_step
+    """MABN on the PyTorch implementation of its ops on CPU as well: that of every other
+    device and of an install without the compiled CPU kernels."""
+
+    def _train_step(self, x):
+        return _PyTorchStepFunction.apply(x, self.weight, self.bias, self)
 
 
 def _steady_mabn(cls):

@@ -25,17 +25,19 @@ def one_thread():
 
 
 @pytest.fixture(params=['compiled', 'pytorch'])
-def mabn_path(request, monkeypatch):
-    """Runs a test on each of MABN's CPU training paths: 'compiled' (csrc/mabn_cpu.cpp,
-    which must be built) and 'pytorch' (_MABNFunction, the path of every other device)."""
-    from mmdet_bnplug.layers import mabn
-    if request.param == 'pytorch':
-        monkeypatch.setattr(mabn, '_mabn_cpu', None)
-        monkeypatch.setattr(mabn, '_warn_not_compiled', lambda: None)
-    elif mabn._mabn_cpu is None:
-        pytest.fail("MABN's compiled CPU step is not built (pip install "
+def mabn_path(request):
+    """Runs a test on each implementation of MABN's ops on CPU: 'compiled'
+    (csrc/mabn_cpu.cpp, which must be built) and 'pytorch' (the PyTorch implementation
+    in ops/mabn.py, that of every other device)."""
+    from mmdet_bnplug.ops import mabn as mabn_ops
+    if mabn_ops.cpu_kernels is None:
+        pytest.fail("MABN's compiled CPU kernels are not built (pip install "
                     '--no-build-isolation -e .)')
-    return request.param
+    if request.param == 'pytorch':
+        with mabn_ops.pytorch_on_cpu():
+            yield request.param
+    else:
+        yield request.param
 
 
 @pytest.fixture(scope='session')

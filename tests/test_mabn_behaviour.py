@@ -1,6 +1,7 @@
 """MABN's contract beyond the spec's arithmetic: inputs, dtypes, state, registry,
 conversion to and from BN, activation checkpointing, no host-device sync; on both CPU
 training paths (compiled and PyTorch: the ``mabn_path`` fixture)."""
+import contextlib
 import copy
 import io
 import warnings
@@ -177,10 +178,12 @@ class _Ops(TorchDispatchMode):
 
 
 def test_no_host_sync_per_step(mabn_path):
-    """No tensor-to-Python read (``.item()``, ``int()``, ``bool()``) per step. The
-    PyTorch step (the GPU path) reads the counter once, at the first step; the compiled
-    CPU step reads it in C++, a plain memory read on CPU, never by a tensor op."""
-    reads = 1 if mabn_path == 'pytorch' else 0
+    """No tensor-to-Python read (``.item()``, ``int()``, ``bool()``) per step, on either
+    implementation: the compiled CPU kernels read the counter in C++ (a plain memory
+    read on CPU, never by a tensor op), the PyTorch implementation (the GPU path) never
+    reads it: its phase decisions are tensor ops (test_pytorch_implementation_never_
+    reads_a_tensor_on_the_host in tests/ops/test_mabn_op.py watches inside it)."""
+    reads = 0
     layer = MABN(3, **QUICK)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     with _Ops() as ops:
@@ -190,7 +193,7 @@ def test_no_host_sync_per_step(mabn_path):
         for _ in range(10):  # through SMA and renorm
             layer(x).sum().backward()
     assert not [n for n in ops.names if '_local_scalar_dense' in n or 'item' in n]
-    # someone else writes the counter: re-read once, then the layer follows it
+    # someone else writes the counter: the layer follows it
     layer.load_state_dict(layer.state_dict())
     with _Ops() as ops:
         layer(x).sum().backward()
@@ -199,17 +202,34 @@ def test_no_host_sync_per_step(mabn_path):
 
 
 def test_cpu_training_runs_the_path_under_test(mabn_path):
-    y = MABN(3)(torch.randn(2, 3, 4, 4, requires_grad=True))
-    node = {'compiled': 'MABNTrain', 'pytorch': '_MABNFunctionBackward'}[mabn_path]
-    assert node in y.grad_fn.name()
+    """The kernel that runs on CPU is the one under test: the CPU key's kernel of the
+    ops is the C++ one, or the PyTorch implementation inside pytorch_on_cpu()."""
+    from mmdet_bnplug.ops import mabn as mabn_ops
+    calls, impls = [], mabn_ops.PYTORCH_IMPLS
+    saved = dict(impls)
+    for name, real in saved.items():
+        impls[name] = lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a)
+    try:  # (re-entered, so that the recording implementations are the registered ones)
+        with mabn_ops.pytorch_on_cpu() if mabn_path == 'pytorch' else _nothing():
+            y = MABN(3)(torch.randn(2, 3, 4, 4, requires_grad=True))
+            y.sum().backward()
+    finally:
+        impls.update(saved)
+    expect = ['mabn_train_stats', 'mabn_train_affine', 'mabn_train_backward']
+    assert calls == (expect if mabn_path == 'pytorch' else [])
+    assert 'mabn_train_affine' in str(mabn_ops.train_affine)
 
 
-def test_both_paths_share_their_state(monkeypatch):
-    """Switching paths mid-training (e.g. moving a CPU-trained model to a GPU) continues
-    the same run: every statistic lives in the buffers. Float64: the two paths round
-    differently only in the last bits."""
-    from mmdet_bnplug.ops import _mabn_cpu as compiled
-    from mmdet_bnplug.layers import mabn
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def test_both_paths_share_their_state():
+    """Switching implementations mid-training (e.g. moving a CPU-trained model to a GPU)
+    continues the same run: every statistic lives in the buffers. Float64: the two
+    implementations round differently only in the last bits."""
+    from mmdet_bnplug.ops import mabn as mabn_ops
 
     def run(paths):
         torch.manual_seed(0)
@@ -217,15 +237,14 @@ def test_both_paths_share_their_state(monkeypatch):
         gen = torch.Generator().manual_seed(1)
         out = []
         for use_compiled in paths:
-            monkeypatch.setattr(mabn, '_mabn_cpu', compiled if use_compiled else None)
-            x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64,
-                            requires_grad=True)
-            y = layer(x)
-            y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64))
+            with _nothing() if use_compiled else mabn_ops.pytorch_on_cpu():
+                x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64,
+                                requires_grad=True)
+                y = layer(x)
+                y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64))
             out += [y.detach(), x.grad, *[v.clone() for v in layer.state_dict().values()]]
         return out
 
-    monkeypatch.setattr(mabn, '_warn_not_compiled', lambda: None)
     mixed = run([i % 3 == 0 for i in range(12)])  # warm-up, SMA, renorm
     for got, want in zip(mixed, run([False] * 12)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

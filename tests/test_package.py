@@ -41,22 +41,25 @@ def test_custom_imports_alone_registers_everything():
 
 
 def test_mabn_compiled_cpu_step_is_built():
-    """The install builds MABN's compiled CPU step (setup.py); without it training on
-    CPU is slow on small maps, so a missing build fails here rather than passing by."""
-    from mmdet_bnplug.layers import mabn
-    assert mabn._mabn_cpu is not None, 'reinstall with: pip install --no-build-isolation -e .'
+    """The install builds MABN's compiled CPU kernels (setup.py); without them training
+    on CPU is slow on small maps, so a missing build fails here rather than passing by."""
+    from mmdet_bnplug.ops import mabn as mabn_ops
+    assert mabn_ops.cpu_kernels is not None, \
+        'reinstall with: pip install --no-build-isolation -e .'
 
 
 def test_mabn_without_compiled_step_warns_once(monkeypatch):
     import torch
 
     from mmdet_bnplug.layers import mabn
-    monkeypatch.setattr(mabn, '_mabn_cpu', None)
-    mabn._warn_not_compiled.cache_clear()
+    from mmdet_bnplug.ops import mabn as mabn_ops
+    monkeypatch.setattr(mabn_ops, 'cpu_kernels', None)  # as without the build
+    mabn_ops._warn_not_compiled.cache_clear()
     layer = mabn.MABN(2)
-    with pytest.warns(UserWarning, match='compiled CPU step .* is not built'):
-        layer(torch.randn(2, 2, 3, 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        layer(torch.randn(2, 2, 3, 3))
+    with mabn_ops.pytorch_on_cpu():
+        with pytest.warns(UserWarning, match='compiled CPU step .* is not built'):
+            layer(torch.randn(2, 2, 3, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            layer(torch.randn(2, 2, 3, 3))
     assert layer.num_batches_tracked.item() == 2

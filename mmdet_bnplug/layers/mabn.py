@@ -4,80 +4,19 @@ Normalises by the second moment E[x^2] (no mean-centring; pair it with ``ConvWC`
 replaces batch statistics in the forward *and* backward pass by simple moving averages
 over the last ``buffer_size`` iterations, and renormalises towards ``running_var`` like
 Batch Renormalisation. In eval mode it is BN's per-channel affine map with a zero mean.
-Training on CPU runs the compiled step of ``csrc/mabn_cpu.cpp`` when it is built; every
-other device, or a missing build, runs ``_MABNFunction`` (same arithmetic). User guide:
-``docs/mabn.md``; the algorithm line by line: ``SpecMABN`` in ``tests/test_mabn.py``.
+A training step is the ``torch.library`` ops of ``mmdet_bnplug.ops.mabn`` (C++ kernels on
+CPU when built, a PyTorch implementation elsewhere: same arithmetic). User guide:
+``docs/mabn.md``; the algorithm line by line: ``mmdet_bnplug.testing.mabn_reference``.
 """
-import functools
 import warnings
-from typing import NamedTuple
 
 import torch
 from mmengine.registry import MODELS
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..ops import mabn as mabn_ops
 from ._checks import check_bool, check_int, check_real
-
-_bn_backward = torch.ops.aten.native_batch_norm_backward
-
-try:  # the compiled CPU training step, built at install time (setup.py)
-    from ..ops import _mabn_cpu
-except ImportError:
-    _mabn_cpu = None
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of per-channel statistics: fp32 for half/bf16 input, else the input's."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, cheaper when nothing changes (the common case)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-class _Consts(NamedTuple):
-    """Cached constants in the statistics dtype: ``zeros``, ``ones`` (C,) feed BN
-    kernels an identity mean/variance; ``eps`` 0-dim (cheaper to add than a float)."""
-    zeros: torch.Tensor
-    ones: torch.Tensor
-    eps: torch.Tensor
-
-
-def _affine(x: torch.Tensor, scale: torch.Tensor, shift, consts: _Consts):
-    """``scale[c] * x + shift[c]`` by BN's eval kernel (mean 0, variance 1, eps 0):
-    fp32 coefficients with half ``x`` (small scales do not underflow), output in
-    ``x``'s dtype and memory format, one pass."""
-    return torch.batch_norm(x, scale, shift, consts.zeros, consts.ones, False, 0.0, 0.0,
-                            torch.backends.cudnn.enabled)
-
-
-def _dot_sums(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, consts: _Consts,
-              sum_a: bool):
-    """``(weight * sum(a * b), sum(a) or None)`` per channel of two ``(N, C, *)``
-    tensors, in one fused pass without temporaries: BN's backward reduction, whose
-    weight gradient is ``sum(dy * (x - mean)) * invstd`` and bias gradient
-    ``sum(dy)``, with mean 0 and invstd ``weight``. Accumulates in fp32 for half
-    inputs; any memory format."""
-    _, s_ab, s_a = _bn_backward(a, b, None, None, None, consts.zeros, weight, True, 0.0,
-                                [False, True, sum_a])
-    return s_ab, s_a
-
-
-def _ring_mean(buffer: torch.Tensor, consts: _Consts) -> torch.Tensor:
-    """Mean of the ring buffer's B rows, (C,) in the statistics dtype (no matmul:
-    autocast would run it in half precision)."""
-    return buffer.mean(0, dtype=consts.zeros.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_not_compiled() -> None:
-    """Warn once that the compiled CPU step is missing (see setup.py)."""
-    warnings.warn("MABN: the compiled CPU step (mmdet_bnplug.ops._mabn_cpu) is not "
-                  "built, training on CPU uses the PyTorch step: same results, slower on "
-                  "small feature maps. Reinstall with a C++ compiler: pip install "
-                  "--no-build-isolation -e <mmdet-bnplug checkout>")
+from ._utils import stat_dtype
 
 
 def _inside_backward() -> bool:
@@ -85,59 +24,6 @@ def _inside_backward() -> bool:
     where activation checkpointing (reentrant or not) re-runs forwards."""
     task_id = getattr(torch._C, '_current_graph_task_id', None)
     return task_id is not None and task_id() != -1
-
-
-class _Step(NamedTuple):
-    """Constants of one training step, (C,) tensors in the statistics dtype."""
-    q: torch.Tensor  # r / sqrt(s2 + eps)
-    neg_inv_var: torch.Tensor  # -1 / (s2 + eps)
-    slot: int  # ring-buffer row t % buffer_size
-    use_batch: bool  # batch statistics instead of the moving averages
-
-
-class _MABNFunction(torch.autograd.Function):
-    """MABN's training step: ``layer._step`` advances the statistics, the output is
-    ``y = (q * w)[c] * x + b[c]``, the backward is the spec's ("Training backward")
-    and writes ``buffer_gz[slot]``.
-
-    Cost as BN's: the forward is one reduction pass (``sum(x^2)``) and one affine
-    pass; the backward one fused reduction pass (``sum(dy)``, ``sum(dy * x)``) and
-    ``dx = a * dy + k * x`` with per-channel ``a = q * w``, ``k = -mgz / (s2 + eps)``
-    (two passes, no temporaries). Saves only ``x``; no host-device sync.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer, consts: _Consts):
-        step = layer._step(x, consts)
-        scale = step.q if weight is None else step.q * _cast(weight, step.q.dtype)
-        shift = None if bias is None else _cast(bias, step.q.dtype)
-        ctx.save_for_backward(x, weight)
-        ctx.scale, ctx.step, ctx.buffer_gz, ctx.consts = (scale, step, layer.buffer_gz,
-                                                          consts)
-        return _affine(x, scale, shift, consts)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        step, buffer_gz, consts = ctx.step, ctx.buffer_gz, ctx.consts
-        # dw = sum(dy * r * z) = q * sum(dy * x); db = sum(dy)
-        dw, db = _dot_sums(dy, x, step.q, consts, ctx.needs_input_grad[2])
-        # gz = mean(g * z) with g = dy * w * r, z = x / sqrt(s2 + eps): w * dw / n
-        inv_n = 1.0 / (x.numel() // x.shape[1])
-        gz = dw * inv_n if weight is None else torch.addcmul(
-            consts.zeros, dw, _cast(weight, dw.dtype), value=inv_n)
-        buffer_gz[step.slot] = gz
-        dx = None
-        if ctx.needs_input_grad[0]:
-            # dx = (g - z * mgz) / sqrt(s2 + eps) = (q * w) * dy - mgz / (s2 + eps) * x
-            mgz = gz if step.use_batch else _ring_mean(buffer_gz, consts)
-            dx = _affine(x, mgz.mul_(step.neg_inv_var), None, consts)
-            dx.addcmul_(dy, _cast(ctx.scale, dx.dtype).view((-1, ) + (1, ) * (x.dim() - 2)))
-        if weight is not None:
-            dw = _cast(dw, weight.dtype)
-            db = None if db is None else _cast(db, weight.dtype)
-        return dx, dw, db, None, None
 
 
 @MODELS.register_module()
@@ -194,12 +80,10 @@ class MABN(_BatchNorm):
         factory = dict(device=self.running_var.device, dtype=self.running_var.dtype)
         self.register_buffer('buffer_x2', torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer('buffer_gz', torch.zeros(buffer_size, num_features, **factory))
-        # host-side state, mutated in place (cheaper than Module.__setattr__):
-        # 'step': the PyTorch path's last training step, reused when activation
-        # checkpointing re-runs the forward inside the backward pass; 'counter': see
-        # _tick; 'compiled': the compiled path's State (its last step, constants)
-        self._host = dict(step=None, counter=None, compiled=None)
-        self._const_cache = {}
+        # host-side, outside the ops, mutated in place (cheaper than Module.__setattr__):
+        # 'step': the last training step's (coeffs, step) of mabn_train_stats, reused
+        # when activation checkpointing re-runs the forward inside the backward pass
+        self._host = dict(step=None)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
@@ -212,7 +96,7 @@ class MABN(_BatchNorm):
         if hasattr(self, 'buffer_x2'):  # _BatchNorm.__init__ calls this before they exist
             self.buffer_x2.zero_()
             self.buffer_gz.zero_()
-            self._host.update(step=None, compiled=None)
+            self._host['step'] = None
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -233,87 +117,32 @@ class MABN(_BatchNorm):
             return torch.batch_norm(x, self.weight, self.bias, self.running_mean,
                                     self.running_var, False, 0.0, self.eps,
                                     torch.backends.cudnn.enabled)
-        if x.device.type == 'cpu' and self.running_var.dtype == _stat_dtype(x.dtype):
-            if _mabn_cpu is not None:
-                return self._compiled_cpu_step(x)
-            _warn_not_compiled()
-        return self._pytorch_step(x)
+        return self._train_step(x)
 
-    def _pytorch_step(self, x: torch.Tensor) -> torch.Tensor:
-        """The training step by ``_MABNFunction``: any device, any dtype."""
-        return _MABNFunction.apply(x, self.weight, self.bias, self, self._consts(x))
-
-    def _compiled_cpu_step(self, x: torch.Tensor) -> torch.Tensor:
-        """The training step by ``_mabn_cpu.train_step`` (mabn_cpu.cpp): the same
-        arithmetic as ``_MABNFunction``, counter and phase included, in one call with
-        a C++ autograd node. The counter is read on the host: free on CPU."""
-        state = self._host['compiled']
-        if state is None:
-            state = self._host['compiled'] = _mabn_cpu.State()
-        return _mabn_cpu.train_step(x, self.weight, self.bias, self.running_var,
-                                    self.num_batches_tracked, self.buffer_x2, self.buffer_gz,
-                                    state, self.eps, self.momentum, self.r_max,
-                                    self.warmup_iters, self.renorm_iters)
-
-    def _consts(self, x: torch.Tensor) -> _Consts:
-        key = (x.dtype, x.device, self.eps)
-        consts = self._const_cache.get(key)
-        if consts is None:
-            with torch.inference_mode(False):
-                zeros = torch.zeros(self.num_features, dtype=_stat_dtype(x.dtype),
-                                    device=x.device)
-                consts = self._const_cache[key] = _Consts(
-                    zeros, torch.ones_like(zeros),
-                    torch.tensor(self.eps, dtype=zeros.dtype, device=x.device))
-        return consts
-
-    def _step(self, x: torch.Tensor, consts: _Consts) -> _Step:
-        """This training step's constants; the statistics advance unless activation
-        checkpointing re-runs the forward (inside the backward): then the step being
-        recomputed is returned again and no state changes."""
+    def _train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The training step by the ops (``mmdet_bnplug.ops.mabn``): ``mabn_train``
+        advances the statistics, unless activation checkpointing re-runs the forward
+        inside the backward: then ``mabn_train_affine`` recomputes the output from the
+        recorded step's constants and no state changes. (Under torch.compile every
+        call is a fresh step.)"""
         host = self._host
-        if host['step'] is None or not _inside_backward():
-            host['step'] = self._advance(x, consts)
-        return host['step']
-
-    def _tick(self) -> int:
-        """Advance ``num_batches_tracked`` and return it as a Python int, without a
-        host-device sync: a host copy is kept and re-read (one sync) only when other
-        code has written or replaced the buffer (load_state_dict, ``.to()``, ...)."""
-        t = self.num_batches_tracked
-        seen = self._host['counter']  # (the buffer, its version, its value)
-        if seen is None or seen[0] is not t or seen[1] != t._version:
-            seen = (t, t._version, int(t))
-        t.add_(1)
-        self._host['counter'] = (t, t._version, seen[2] + 1)
-        return seen[2] + 1
-
-    def _advance(self, x: torch.Tensor, consts: _Consts) -> _Step:
-        """The spec's "Training forward" statistics: advance t, record E[x^2], update
-        ``running_var``; return the constants the output and backward need."""
-        x2 = _dot_sums(x, x, consts.ones, consts, False)[0].div_(x.numel() // x.shape[1])
-        t = self._tick()
-        slot = t % self.buffer_size
-        self.buffer_x2[slot] = x2
-        use_batch = t <= self.buffer_size or t < self.warmup_iters
-        s2 = x2 if use_batch else _ring_mean(self.buffer_x2, consts)
-        var = s2 + consts.eps
-        inv_std = var.rsqrt()
-        if t > max(self.renorm_iters, self.warmup_iters):
-            # r = clip(sqrt(s2 + eps) / sqrt(running_var + eps)), running_var before
-            # this step's update; q = r / sqrt(s2 + eps)
-            r = var.div_(_cast(self.running_var, var.dtype) + consts.eps).sqrt_()
-            q = r.clamp_(1 / self.r_max, self.r_max).mul_(inv_std)
-        else:
-            q = inv_std
-        self.running_var.lerp_(_cast(s2, self.running_var.dtype), self.momentum)
-        return _Step(q, inv_std.square().neg_(), slot, use_batch)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and host['step'] is not None and _inside_backward():
+            return mabn_ops.train_affine(x, self.weight, self.bias, *host['step'],
+                                         self.buffer_gz, self.warmup_iters)
+        y, coeffs, step = mabn_ops.train(x, self.weight, self.bias, self.running_var,
+                                         self.num_batches_tracked, self.buffer_x2,
+                                         self.buffer_gz, self.eps, self.momentum, self.r_max,
+                                         self.warmup_iters, self.renorm_iters)
+        if not compiling:
+            host['step'] = (coeffs, step)
+        return y
 
     def eval_scale_shift(self):
         """Eval map ``y = scale * x + shift`` as (C,) tensors in fp32 (fp64 for a
         float64 layer), differentiable in weight and bias:
         ``scale = w / sqrt(running_var + eps)``, ``shift = b``."""
-        dtype = _stat_dtype(self.running_var.dtype)
+        dtype = stat_dtype(self.running_var.dtype)
         scale = (self.running_var.to(dtype) + self.eps).rsqrt()
         if not self.affine:
             return scale, torch.zeros_like(scale)
@@ -357,7 +186,7 @@ class MABN(_BatchNorm):
         if prefix + 'running_mean' in state_dict and prefix + 'buffer_x2' not in state_dict:
             self._absorb_batchnorm_state(state_dict, prefix)
         self._check_ring_buffers(state_dict, prefix)
-        self._host.update(step=None, compiled=None)
+        self._host['step'] = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 

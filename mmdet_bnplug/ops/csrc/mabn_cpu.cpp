@@ -1,104 +1,136 @@
-// MABN's whole training step on CPU in one call from Python: counter and phase,
-// statistics, ring buffers, running_var, output, and a C++ autograd node for the
-// backward. The arithmetic and the passes over memory are those of _MABNFunction in
-// mabn.py (the path for every other device): ATen's vectorised kernels for the
-// elementwise work (see affine), plain loops for the per-channel statistics. What this saves is the
-// Python dispatch of ~20 small per-channel tensor ops per step, which dominates on
-// small feature maps (FPN P6/P7).
+// CPU kernels of MABN's training-step ops (schemas, fake and PyTorch implementations and
+// the Python autograd rule: mmdet_bnplug/ops/mabn.py), registered with the dispatcher for
+// the CPU key, and the same autograd rule as a C++ node for the AutogradCPU key (Python's
+// autograd wrapper costs as much as the arithmetic on small feature maps).
+//
+// Stateless: every input is a tensor or a scalar, and each kernel writes only the tensors
+// its op's schema declares mutable (mabn_train_stats: running_var, num_batches_tracked,
+// buffer_x2; mabn_train_backward: buffer_gz), bumping their version counters.
+//
+// The arithmetic and the passes over memory are those of the ops' PyTorch
+// implementation: ATen's vectorised kernels for the elementwise work and the fused
+// reductions, plain loops for the per-channel statistics. What this saves is the Python
+// dispatch of ~20 small per-channel tensor ops per step, which dominates on small feature
+// maps (FPN P6/P7).
 #include <torch/extension.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/graph_task.h>
-#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
-// One step's per-channel coefficients, (3, C) in the statistics dtype.
-enum Row { kQ = 0, kNegInvVar = 1, kScale = 2 };  // r / sqrt(s2 + eps), -1 / (s2 + eps), q * w
+// Rows of a step's per-channel coefficients, (2, C) in the statistics dtype.
+enum Row { kQ = 0, kNegInvVar = 1 };  // r / sqrt(s2 + eps), -1 / (s2 + eps)
 
-// A layer's host-side state on this path (MABN._host['compiled']), updated in place.
-struct State {
-  // the last step, reused without any state change when activation checkpointing
-  // re-runs the forward inside the backward
-  Tensor coeffs;  // (3, C), rows as in Row; undefined before the first step
-  int64_t slot = 0;  // ring-buffer row t % buffer_size
-  bool use_batch = true;  // batch statistics instead of the moving averages
-  Tensor zeros, ones;  // (C,) constants for BN's kernels, in the statistics dtype
-};
-
-struct Hyper {
-  double eps, momentum, r_max;
-  int64_t warmup_iters, renorm_iters;
-};
-
-// Advances the counter t (an int64 CPU scalar: reading it is no device sync) and sets
-// the new step's phase in ``state``; returns whether the renorm factor is active.
-bool begin_step(const Tensor& counter, const Tensor& buffer, const Hyper& h, State* state) {
-  const int64_t t = ++*counter.mutable_data_ptr<int64_t>();
-  torch::autograd::impl::bump_version(counter);
-  const int64_t buffer_size = buffer.size(0);
-  state->coeffs = at::empty({3, buffer.size(1)}, buffer.options());
-  state->slot = t % buffer_size;
-  state->use_batch = t <= buffer_size || t < h.warmup_iters;
-  if (!state->zeros.defined() || state->zeros.scalar_type() != buffer.scalar_type() ||
-      state->zeros.size(0) != buffer.size(1)) {
-    state->zeros = at::zeros({buffer.size(1)}, buffer.options());
-    state->ones = at::ones_like(state->zeros);
-  }
-  return t > std::max(h.renorm_iters, h.warmup_iters);
+at::ScalarType stat_dtype(const Tensor& x) {
+  return at::promote_types(x.scalar_type(), at::kFloat);
 }
 
-// One step's per-channel view, pointers in the statistics dtype T; ring-buffer row b
-// is ``buffer + b * C``.
-template <typename T>
-struct Channels {
-  int64_t C, rows, slot;
-  bool use_batch;
-  T* buffer;  // buffer_x2 in the forward, buffer_gz in the backward
-  T* coeffs;  // row r of channel c at coeffs[r * C + c]
-  const T* weight;  // nullptr without affine
+// x of shape (N, C, *); C < 0: any C.
+void check_input(const char* op, const Tensor& x, int64_t C) {
+  TORCH_CHECK(x.is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, *), got ", x.sizes());
+  TORCH_CHECK(C < 0 || x.size(1) == C, op, ": x must have shape (N, ", C, ", *), got ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": x must be floating point, got ", x.scalar_type());
+}
 
-  Channels(const Tensor& buf, const Tensor& coeffs_, int64_t slot_, bool use_batch_,
-           const std::optional<Tensor>& w)
-      : C(buf.size(1)), rows(buf.size(0)), slot(slot_), use_batch(use_batch_),
-        buffer(buf.mutable_data_ptr<T>()), coeffs(coeffs_.mutable_data_ptr<T>()),
-        weight(w ? w->const_data_ptr<T>() : nullptr) {}
+// A per-channel tensor: CPU, floating point, contiguous, the given shape. Returns it in
+// the statistics dtype ``dtype`` (a copy when it has another, e.g. fp16 buffers of a half
+// module: the kernels read and write the statistics through raw pointers of that dtype).
+Tensor check_stat(const char* op, const char* name, const Tensor& t, at::ScalarType dtype,
+                  at::IntArrayRef shape) {
+  TORCH_CHECK(t.is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
 
-  T& coeff(Row row, int64_t c) const { return coeffs[row * C + c]; }
+// Writes back a statistic computed in ``work`` (check_stat's result) into ``t`` and bumps
+// ``t``'s version counter: it was modified in place.
+void written(const Tensor& t, const Tensor& work) {
+  if (!work.is_same(t)) t.copy_(work);
+  t.unsafeGetTensorImpl()->bump_version();
+}
 
-  // buffer[slot][c] = value; returns the statistic to use: value or the rows' mean
-  T record(int64_t c, T value) const {
-    buffer[slot * C + c] = value;
-    if (use_batch) return value;
-    T acc = 0;
-    for (int64_t b = 0; b < rows; ++b) acc += buffer[b * C + c];
-    return acc / static_cast<T>(rows);
+// An int64 CPU scalar: the counter t or a step's copy of it (reading it is no sync).
+int64_t read_counter(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kLong && t.numel() == 1, op, ": ", name,
+              " must be an int64 CPU tensor of one element, got ", t.scalar_type(), " ",
+              t.sizes(), " on ", t.device());
+  return *t.const_data_ptr<int64_t>();
+}
+
+// The spec's phase of step t: batch statistics instead of the moving averages?
+bool use_batch(int64_t t, int64_t buffer_size, int64_t warmup_iters) {
+  return t <= buffer_size || t < warmup_iters;
+}
+
+// buffer[t % B][c] = value[c] for every channel; returns, per channel, value (batch
+// statistics) or the mean of the B rows (moving average), through ``per_channel(c, s)``.
+template <typename T, typename F>
+void record(const Tensor& buffer, int64_t t, bool batch, const T* value, F per_channel) {
+  const int64_t rows = buffer.size(0), C = buffer.size(1);
+  T* buf = buffer.mutable_data_ptr<T>();
+  T* row = buf + (t % rows) * C;
+  for (int64_t c = 0; c < C; ++c) row[c] = value[c];
+  for (int64_t c = 0; c < C; ++c) {
+    T s = value[c];
+    if (!batch) {
+      T acc = 0;
+      for (int64_t b = 0; b < rows; ++b) acc += buf[b * C + c];
+      s = acc / static_cast<T>(rows);
+    }
+    per_channel(c, s);
   }
+}
+
+// Per-channel constants for BN's kernels, (C,) each in the statistics dtype: an identity
+// mean (zeros) and variance (ones); one allocation, filled by a loop.
+struct Consts {
+  Tensor zeros, ones;
 };
 
-// Runs ``per_channel(channels, c, values[c])`` for every channel of a (C,) statistic.
-template <typename F>
-void each_channel(const Tensor& buffer, const Tensor& coeffs, int64_t slot, bool use_batch,
-                  const std::optional<Tensor>& w, const Tensor& values, F per_channel) {
-  AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "mabn_channels", [&] {
-    const Channels<scalar_t> ch(buffer, coeffs, slot, use_batch, w);
-    const scalar_t* v = values.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < ch.C; ++c) per_channel(ch, c, v[c]);
+Consts make_consts(int64_t C, at::ScalarType dtype) {
+  const Tensor both = at::empty({2, C}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mabn_consts", [&] {
+    scalar_t* p = both.mutable_data_ptr<scalar_t>();
+    std::fill(p, p + C, scalar_t(0));
+    std::fill(p + C, p + 2 * C, scalar_t(1));
   });
+  return {both[0], both[1]};
+}
+
+// q[c] * w[c] per channel (q without affine); ``w`` in q's dtype.
+Tensor scale_of(const Tensor& coeffs, const std::optional<Tensor>& w) {
+  const Tensor q = coeffs[kQ];
+  if (!w) return q;
+  Tensor scale = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mabn_scale", [&] {
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w->const_data_ptr<scalar_t>();
+    scalar_t* sp = scale.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < q.numel(); ++c) sp[c] = qp[c] * wp[c];
+  });
+  return scale;
 }
 
 // (weight * sum(a * b), sum(a) if wanted) per channel in one pass, any layout and
 // dtype: BN's backward reduction with mean 0 and invstd ``weight`` (_dot_sums in mabn.py).
 std::tuple<Tensor, Tensor> dot_sums(const Tensor& a, const Tensor& b, const Tensor& weight,
-                                    const Tensor& zeros, bool sum_a) {
+                                    const Consts& k, bool sum_a) {
+  const Tensor& zeros = k.zeros;
   auto out = at::native_batch_norm_backward(a, b, std::nullopt, std::nullopt, std::nullopt,
                                             zeros, weight, true, 0.0, {false, true, sum_a});
   return {std::get<1>(out), std::get<2>(out)};
@@ -112,132 +144,242 @@ Tensor channel_view(const Tensor& v, int64_t dim) {
 }
 
 // scale[c] * x + shift[c], in x's dtype and memory format. BN's eval kernel (as
-// _affine in mabn.py), except for channels_last input of the statistics dtype, where a
-// broadcast multiply-add is faster on CPU at every benchmark shape.
+// _affine in ops/mabn.py), except for channels_last input of the statistics dtype, where
+// a broadcast multiply-add is faster on CPU at every benchmark shape.
 Tensor affine(const Tensor& x, const Tensor& scale, const std::optional<Tensor>& shift,
-              const Tensor& zeros, const Tensor& ones) {
+              const Consts& k) {
   if (x.dim() > 2 && x.scalar_type() == scale.scalar_type() &&
       x.suggest_memory_format() != at::MemoryFormat::Contiguous) {
     const Tensor s = channel_view(scale, x.dim());
     return shift ? at::addcmul(channel_view(*shift, x.dim()), x, s) : at::mul(x, s);
   }
-  return at::batch_norm(x, scale, shift, zeros, ones, false, 0.0, 0.0, false);
+  return at::batch_norm(x, scale, shift, k.zeros, k.ones, false, 0.0, 0.0, false);
 }
 
-struct MABNTrain : public torch::autograd::Function<MABNTrain> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x,
-                               const std::optional<Tensor>& weight,
-                               const std::optional<Tensor>& bias, const Tensor& running_var,
-                               const Tensor& counter, const Tensor& buffer_x2,
-                               const Tensor& buffer_gz, State* state, const Hyper& h) {
-    if (!state->coeffs.defined() || torch::autograd::get_current_graph_task_id() == -1) {
-      const bool renorm = begin_step(counter, buffer_x2, h, state);
-      // the spec's "Training forward" statistics of each channel from its E[x^2]
-      const Tensor x2_sum = std::get<0>(dot_sums(x, x, state->ones, state->zeros, false));
-      const double inv_n = 1.0 / static_cast<double>(x.numel() / x.size(1));
-      each_channel(buffer_x2, state->coeffs, state->slot, state->use_batch, weight, x2_sum,
-                   [&](const auto& ch, int64_t c, auto sum) {
-        using T = decltype(sum);
-        T* rv = running_var.mutable_data_ptr<T>();
-        const T s2 = ch.record(c, sum * static_cast<T>(inv_n));
-        const T var = s2 + static_cast<T>(h.eps);
-        const T inv_std = T(1) / std::sqrt(var);
-        T q = inv_std;
-        if (renorm) {  // r = clip(sqrt(s2 + eps) / sqrt(running_var + eps)), before update
-          const T r = std::sqrt(var / (rv[c] + static_cast<T>(h.eps)));
-          q = std::clamp(r, static_cast<T>(1.0 / h.r_max), static_cast<T>(h.r_max)) * inv_std;
-        }
-        rv[c] += static_cast<T>(h.momentum) * (s2 - rv[c]);
-        ch.coeff(kQ, c) = q;
-        ch.coeff(kNegInvVar, c) = -(inv_std * inv_std);
-        ch.coeff(kScale, c) = ch.weight ? q * ch.weight[c] : q;
-      });
-      torch::autograd::impl::bump_version(running_var);
-      torch::autograd::impl::bump_version(buffer_x2);
+void check_coeffs(const char* op, const Tensor& x, const Tensor& coeffs, const Tensor& step) {
+  check_input(op, x, -1);
+  TORCH_CHECK(coeffs.scalar_type() == stat_dtype(x), op, ": coeffs must have the statistics ",
+              "dtype ", stat_dtype(x), " (the input's, at least float32), got ",
+              coeffs.scalar_type());
+  check_stat(op, "coeffs", coeffs, stat_dtype(x), {2, x.size(1)});
+  read_counter(op, "step", step);
+}
+
+// weight or bias (C,), in the statistics dtype.
+std::optional<Tensor> checked_param(const char* op, const char* name,
+                                    const std::optional<Tensor>& p, const Tensor& x) {
+  if (!p) return std::nullopt;
+  return check_stat(op, name, *p, stat_dtype(x), {x.size(1)});
+}
+
+// mmdet_bnplug::mabn_train_stats: the spec's "Training forward" statistics. Advances
+// num_batches_tracked to t, writes buffer_x2[t % B] and running_var; returns the step's
+// coefficients (2, C) (rows as in Row) and a copy of t.
+std::tuple<Tensor, Tensor> train_stats(const Tensor& x, const Tensor& running_var,
+                                       const Tensor& counter, const Tensor& buffer_x2,
+                                       double eps, double momentum, double r_max,
+                                       int64_t warmup_iters, int64_t renorm_iters) {
+  const char* op = "mabn_train_stats";
+  const int64_t C = running_var.size(0);
+  check_input(op, x, C);
+  const auto dtype = stat_dtype(x);
+  const Tensor rv_work = check_stat(op, "running_var", running_var, dtype, {C});
+  const Tensor buffer = check_stat(op, "buffer_x2", buffer_x2, dtype, {buffer_x2.size(0), C});
+  TORCH_CHECK(buffer.size(0) >= 1, op, ": buffer_x2 must have at least one row");
+  const int64_t t = read_counter(op, "num_batches_tracked", counter) + 1;
+  TORCH_CHECK(counter.is_contiguous(), op, ": num_batches_tracked must be contiguous");
+  *counter.mutable_data_ptr<int64_t>() = t;
+  counter.unsafeGetTensorImpl()->bump_version();
+  const bool batch = use_batch(t, buffer.size(0), warmup_iters);
+  const bool renorm = t > std::max(renorm_iters, warmup_iters);
+  const Consts k = make_consts(C, dtype);
+  const Tensor x2 = std::get<0>(dot_sums(x, x, k.ones, k, false));  // sum(x^2)
+  const Tensor coeffs = at::empty({2, C}, rv_work.options());
+  const double inv_n = 1.0 / static_cast<double>(x.numel() / C);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mabn_train_stats", [&] {
+    using T = scalar_t;
+    T* x2p = x2.mutable_data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) x2p[c] *= static_cast<T>(inv_n);
+    T* rv = rv_work.mutable_data_ptr<T>();
+    T* q = coeffs.mutable_data_ptr<T>() + kQ * C;
+    T* neg_inv_var = coeffs.mutable_data_ptr<T>() + kNegInvVar * C;
+    record<T>(buffer, t, batch, x2p, [&](int64_t c, T s2) {
+      const T var = s2 + static_cast<T>(eps);
+      const T inv_std = T(1) / std::sqrt(var);
+      q[c] = inv_std;
+      if (renorm) {  // r = clip(sqrt(s2 + eps) / sqrt(running_var + eps)), before update
+        const T r = std::sqrt(var / (rv[c] + static_cast<T>(eps)));
+        q[c] = std::clamp(r, static_cast<T>(1.0 / r_max), static_cast<T>(r_max)) * inv_std;
+      }
+      rv[c] += static_cast<T>(momentum) * (s2 - rv[c]);
+      neg_inv_var[c] = -(inv_std * inv_std);
+    });
+  });
+  written(running_var, rv_work);
+  written(buffer_x2, buffer);
+  return {coeffs, counter.clone()};
+}
+
+// mmdet_bnplug::mabn_train_affine: y = (q * w) * x + b.
+Tensor train_affine(const Tensor& x, const std::optional<Tensor>& weight,
+                    const std::optional<Tensor>& bias, const Tensor& coeffs,
+                    const Tensor& step, const Tensor& /*buffer_gz*/,
+                    int64_t /*warmup_iters*/) {
+  const char* op = "mabn_train_affine";
+  check_coeffs(op, x, coeffs, step);
+  const Tensor scale = scale_of(coeffs, checked_param(op, "weight", weight, x));
+  return affine(x, scale, checked_param(op, "bias", bias, x),
+                make_consts(x.size(1), scale.scalar_type()));
+}
+
+// mmdet_bnplug::mabn_train_backward: the spec's "Training backward". dw = q * sum(dy * x),
+// db = sum(dy), gz = w * dw / n into buffer_gz[t % B], dx = (q * w) * dy - mgz / (s2 + eps) * x.
+// Outputs not asked for by ``output_mask`` (dx, -, db) are empty (0,) tensors; dw is always
+// computed (gz needs it). dw and db in the statistics dtype.
+std::tuple<Tensor, Tensor, Tensor> train_backward(
+    const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
+    const Tensor& coeffs, const Tensor& step, const Tensor& buffer_gz, int64_t warmup_iters,
+    std::array<bool, 3> output_mask) {
+  const char* op = "mabn_train_backward";
+  check_coeffs(op, x, coeffs, step);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_cpu(),
+              op, ": dy must be a CPU tensor of x's shape and dtype");
+  const int64_t C = x.size(1);
+  const auto w = checked_param(op, "weight", weight, x);
+  const Tensor buffer = check_stat(op, "buffer_gz", buffer_gz, stat_dtype(x),
+                                  {buffer_gz.size(0), C});
+  const int64_t t = read_counter(op, "step", step);
+  const Consts consts = make_consts(C, coeffs.scalar_type());
+  auto [dw, db] = dot_sums(dy, x, coeffs[kQ], consts, output_mask[2]);
+  Tensor k = at::empty_like(dw);  // -mgz / (s2 + eps), the coefficient of x in dx
+  const double inv_n = 1.0 / static_cast<double>(x.numel() / C);
+  AT_DISPATCH_FLOATING_TYPES(dw.scalar_type(), "mabn_train_backward", [&] {
+    using T = scalar_t;
+    const T* dwp = dw.const_data_ptr<T>();
+    const T* wp = w ? w->const_data_ptr<T>() : nullptr;
+    const T* neg_inv_var = coeffs.const_data_ptr<T>() + kNegInvVar * C;
+    std::vector<T> gz(C);
+    for (int64_t c = 0; c < C; ++c) gz[c] = dwp[c] * static_cast<T>(inv_n) * (wp ? wp[c] : T(1));
+    T* kp = k.mutable_data_ptr<T>();
+    record<T>(buffer, t, use_batch(t, buffer.size(0), warmup_iters), gz.data(),
+              [&](int64_t c, T mgz) { kp[c] = mgz * neg_inv_var[c]; });
+  });
+  written(buffer_gz, buffer);
+  Tensor dx = at::empty({0}, x.options());
+  if (output_mask[0]) {
+    Tensor scale = scale_of(coeffs, w);
+    if (scale.scalar_type() != x.scalar_type()) scale = scale.to(x.scalar_type());
+    dx = affine(x, k, std::nullopt, consts).addcmul_(dy, channel_view(scale, x.dim()));
+  }
+  if (!output_mask[2]) db = at::empty({0}, dw.options());
+  return {dx, dw, db};
+}
+
+using AffineSig = Tensor(const Tensor&, const std::optional<Tensor>&,
+                         const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                         const Tensor&, int64_t);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+    const Tensor&, int64_t, std::array<bool, 3>);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// mabn_train_affine's autograd rule (as _affine_setup_context / _affine_backward in
+// ops/mabn.py): saves x, weight, coeffs, step; the backward is mabn_train_backward, which
+// writes buffer_gz (kept as a plain reference: it is written, not read as saved).
+struct AffineFunction : public torch::autograd::Function<AffineFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                        const Tensor& coeffs, const Tensor& step, const Tensor& buffer_gz,
+                        int64_t warmup_iters) {
+    static const auto op = find_op<AffineSig>("mmdet_bnplug::mabn_train_affine");
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = op.call(x, weight, bias, coeffs, step, buffer_gz, warmup_iters);
     }
-    ctx->save_for_backward({x, weight ? *weight : Tensor()});
-    auto& saved = ctx->saved_data;
-    saved["coeffs"] = state->coeffs;
-    saved["slot"] = state->slot;
-    saved["use_batch"] = state->use_batch;
-    saved["buffer_gz"] = buffer_gz;
-    saved["zeros"] = state->zeros;
-    saved["ones"] = state->ones;
-    ctx->set_materialize_grads(false);
-    // y = (q * w) * x + b
-    return {affine(x, state->coeffs[kScale], bias, state->zeros, state->ones)};
+    ctx->save_for_backward({x, weight ? *weight : Tensor(), coeffs, step});
+    ctx->saved_data["buffer_gz"] = buffer_gz;
+    ctx->saved_data["warmup_iters"] = warmup_iters;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return y;
   }
 
-  // The spec's "Training backward": dw = q * sum(dy * x), db = sum(dy),
-  // gz = w * dw / n into buffer_gz[slot], dx = (q * w) * dy - mgz / (s2 + eps) * x.
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(9);  // one per argument of forward
-    const Tensor& dy = grads[0];
-    if (!dy.defined()) return out;
-    const variable_list saved_vars = ctx->get_saved_variables();
-    const Tensor& x = saved_vars[0];
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = find_op<BackwardSig>("mmdet_bnplug::mabn_train_backward");
+    const auto saved = ctx->get_saved_variables();
     std::optional<Tensor> weight;
-    if (saved_vars[1].defined()) weight = saved_vars[1];
-    auto& saved = ctx->saved_data;
-    const Tensor coeffs = saved["coeffs"].toTensor(), buffer_gz = saved["buffer_gz"].toTensor();
-    const Tensor zeros = saved["zeros"].toTensor(), ones = saved["ones"].toTensor();
-    auto [dw, db] = dot_sums(dy, x, coeffs[kQ], zeros, ctx->needs_input_grad(2));
-    Tensor k = at::empty_like(dw);  // -mgz / (s2 + eps), the coefficient of x in dx
-    const double inv_n = 1.0 / static_cast<double>(x.numel() / x.size(1));
-    each_channel(buffer_gz, coeffs, saved["slot"].toInt(), saved["use_batch"].toBool(), weight,
-                 dw, [&](const auto& ch, int64_t c, auto dwc) {
-      using T = decltype(dwc);
-      const T gz = dwc * static_cast<T>(inv_n) * (ch.weight ? ch.weight[c] : T(1));
-      k.mutable_data_ptr<T>()[c] = ch.record(c, gz) * ch.coeff(kNegInvVar, c);
-    });
-    torch::autograd::impl::bump_version(buffer_gz);
-    if (ctx->needs_input_grad(0)) {
-      Tensor scale = coeffs[kScale];
-      if (scale.scalar_type() != x.scalar_type()) scale = scale.to(x.scalar_type());
-      out[0] = affine(x, k, std::nullopt, zeros, ones)
-                   .addcmul_(dy, channel_view(scale, x.dim()));
-    }
+    if (saved[1].defined()) weight = saved[1];
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = ctx->needs_input_grad(2) && ctx->saved_data["has_bias"].toBool();
+    Tensor dy = grads[0];
+    if (!dy.defined()) dy = at::zeros_like(saved[0]);
+    auto [dx, dw, db] = op.call(dy, saved[0], weight, saved[2], saved[3],
+                                ctx->saved_data["buffer_gz"].toTensor(),
+                                ctx->saved_data["warmup_iters"].toInt(), {need_x, need_w, need_b});
+    torch::autograd::variable_list out(7);
+    if (need_x) out[0] = dx;
     if (weight) {
-      out[1] = dw;
-      out[2] = db;
+      if (need_w) out[1] = dw.to(weight->scalar_type());
+      if (need_b) out[2] = db.to(weight->scalar_type());
     }
     return out;
   }
 };
 
-// The training step's output y; advances ``state`` and the buffers. The caller
-// (MABN.forward) sends CPU tensors only, with running_var in the statistics dtype
-// (float32 or float64: the input's, promoted to at least fp32); the other buffers' and
-// the parameters' dtypes are checked here.
-Tensor train_step(const Tensor& x, const std::optional<Tensor>& weight,
-                  const std::optional<Tensor>& bias, const Tensor& running_var,
-                  const Tensor& counter, const Tensor& buffer_x2, const Tensor& buffer_gz,
-                  State& state, double eps, double momentum, double r_max,
-                  int64_t warmup_iters, int64_t renorm_iters) {
-  for (const Tensor* t : {&running_var, &counter, &buffer_x2, &buffer_gz})
-    TORCH_CHECK(t->is_cpu(), "MABN: buffers on ", t->device(), " with a CPU input");
-  const auto stat = running_var.scalar_type();
-  for (const auto* t : {&weight, &bias})
-    TORCH_CHECK(!*t || ((*t)->scalar_type() == stat && (*t)->is_cpu()),
-                "MABN: weight and bias must be CPU tensors of running_var's dtype ", stat);
-  TORCH_CHECK(buffer_x2.scalar_type() == stat && buffer_gz.scalar_type() == stat,
-              "MABN: buffer_x2 and buffer_gz must have running_var's dtype ", stat);
-  TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1,
-              "MABN: num_batches_tracked must be an int64 scalar");
-  const Hyper h{eps, momentum, r_max, warmup_iters, renorm_iters};
-  return MABNTrain::apply(x, weight, bias, running_var, counter, buffer_x2, buffer_gz,
-                          &state, h)[0];
+using StatsSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, double, double, double, int64_t,
+                                           int64_t);
+
+// mmdet_bnplug::mabn_train, the whole step: mabn_train_stats on x (detached: the
+// statistics carry no gradient), then mabn_train_affine; returns (y, coeffs, step).
+// CompositeImplicitAutograd: traced, it is those two ops (as _train_composite in
+// ops/mabn.py, which serves when this extension is not built).
+std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const std::optional<Tensor>& weight,
+                                         const std::optional<Tensor>& bias,
+                                         const Tensor& running_var, const Tensor& counter,
+                                         const Tensor& buffer_x2, const Tensor& buffer_gz,
+                                         double eps, double momentum, double r_max,
+                                         int64_t warmup_iters, int64_t renorm_iters) {
+  static const auto stats_op = find_op<StatsSig>("mmdet_bnplug::mabn_train_stats");
+  static const auto affine_op = find_op<AffineSig>("mmdet_bnplug::mabn_train_affine");
+  auto [coeffs, step] = stats_op.call(x.detach(), running_var, counter, buffer_x2, eps,
+                                      momentum, r_max, warmup_iters, renorm_iters);
+  Tensor y = affine_op.call(x, weight, bias, coeffs, step, buffer_gz, warmup_iters);
+  return {y, coeffs, step};
+}
+
+Tensor train_affine_autograd(const Tensor& x, const std::optional<Tensor>& weight,
+                             const std::optional<Tensor>& bias, const Tensor& coeffs,
+                             const Tensor& step, const Tensor& buffer_gz,
+                             int64_t warmup_iters) {
+  return AffineFunction::apply(x, weight, bias, coeffs, step, buffer_gz, warmup_iters);
 }
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(mmdet_bnplug, CompositeImplicitAutograd, m) {
+  m.impl("mabn_train", TORCH_FN(train));
+}
+
+TORCH_LIBRARY_IMPL(mmdet_bnplug, CPU, m) {
+  m.impl("mabn_train_stats", TORCH_FN(train_stats));
+  m.impl("mabn_train_affine", TORCH_FN(train_affine));
+  m.impl("mabn_train_backward", TORCH_FN(train_backward));
+}
+
+TORCH_LIBRARY_IMPL(mmdet_bnplug, AutogradCPU, m) {
+  m.impl("mabn_train_affine", TORCH_FN(train_affine_autograd));
+}
+
+// Importing the module registers the kernels above (ops/mabn.py imports it).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "MABN's CPU training step (mmdet_bnplug/ops/csrc/mabn_cpu.cpp)";
-  // copies and pickles (deepcopy for EMA models, torch.save of a module) start afresh:
-  // the state is a cache; everything that defines the layer is in its buffers
-  pybind11::class_<State>(m, "State", "A layer's host-side state on the compiled path")
-      .def(pybind11::init<>())
-      .def(pybind11::pickle([](const State&) { return pybind11::tuple(); },
-                            [](const pybind11::tuple&) { return State(); }));
-  m.def("train_step", &train_step);
+  m.doc() = "CPU kernels of MABN's training-step ops (mmdet_bnplug/ops/csrc/mabn_cpu.cpp)";
+  // what importing registered: ops/mabn.py tells this build from an older one
+  m.attr("REGISTERED") = pybind11::make_tuple("mabn_train", "mabn_train_stats",
+                                              "mabn_train_affine", "mabn_train_backward");
 }
