@@ -47,12 +47,22 @@ from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import torch
+from bench_utils import (
+    DEFAULT_REPEATS,
+    agree_on_most_calls,
+    benchmark_parser,
+    grouped_bars,
+    interleaved_medians,
+    markdown_table,
+    pyplot,
+    run_info,
+    run_on_gloo,
+    save_figure,
+    write_text,
+)
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from bench_utils import (DEFAULT_REPEATS, agree_on_most_calls, benchmark_parser,
-                         grouped_bars, interleaved_medians, markdown_table, pyplot,
-                         run_info, run_on_gloo, save_figure, write_text)
 from mmdet_bnplug.layers.eval_bn import EvalBN
 from mmdet_bnplug.layers.mabn import MABN
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN

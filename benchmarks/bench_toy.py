@@ -36,6 +36,18 @@ import os.path as osp
 
 import numpy as np
 import torch
+from bench_utils import (
+    DEFAULT_REPEATS,
+    benchmark_parser,
+    grouped_bars,
+    interleaved_medians,
+    markdown_table,
+    pyplot,
+    run_info,
+    run_on_gloo,
+    save_figure,
+    write_text,
+)
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
@@ -45,13 +57,10 @@ from mmengine.model.wrappers import MMDistributedDataParallel
 from mmengine.optim import build_optim_wrapper
 from mmengine.structures import InstanceData
 
-from bench_utils import (DEFAULT_REPEATS, benchmark_parser, grouped_bars,
-                         interleaved_medians, markdown_table, pyplot, run_info,
-                         run_on_gloo, save_figure, write_text)
-from mmdet_bnplug.utils.bn_like import bn_like_layers
-from mmdet_bnplug.transforms import fuse_norm
 from mmdet_bnplug.layers.mabn import MABN
 from mmdet_bnplug.testing.synthetic import SyntheticSpec, make_image
+from mmdet_bnplug.transforms import fuse_norm
+from mmdet_bnplug.utils.bn_like import bn_like_layers
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_{}_toy.py')

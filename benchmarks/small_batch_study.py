@@ -31,8 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.study import report  # noqa: E402
-from benchmarks.study.runs import (METHODS, METHODS_BY_KEY, StudyConfig,  # noqa: E402
-                                   run_single, run_synced)
+from benchmarks.study.runs import METHODS, METHODS_BY_KEY, StudyConfig, run_single, run_synced  # noqa: E402
 
 TINY = dict(widths=(4, 8, 8, 8), num_train=96, num_pretrain=96, num_test=64, steps=12,
             warmup_steps=3, pretrain_steps=6, finetune_steps=6, finetune_warmup_steps=2,

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from mmdet_bnplug.testing.synthetic import SyntheticSpec, generate
 from mmdet_bnplug.testing.threads import torch_threads

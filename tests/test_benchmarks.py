@@ -50,8 +50,8 @@ def positive(cell):
 def test_bench_norms_quick(tmp_path):
     found = run_benchmark(tmp_path, 'bench_norms.py', '--max-numel', '50000')
     summary = table(found, 'Summary')
-    layers = ['MABN', 'MABN PyTorch step', 'MABN naive', 'BN eval', 'EvalBN', 'BN eval frozen', 'EvalBN frozen',
-              'PortableSyncBN', 'FrozenBN', 'GroupNorm', 'PortableSyncBN x2']
+    layers = ['MABN', 'MABN PyTorch step', 'MABN naive', 'BN eval', 'EvalBN', 'BN eval frozen',
+              'EvalBN frozen', 'PortableSyncBN', 'FrozenBN', 'GroupNorm', 'PortableSyncBN x2']
     assert list(summary) == ['layer'] + layers
     for layer in layers:  # fwd+bwd, eval forward, memory: median and worst
         cells = summary[layer]

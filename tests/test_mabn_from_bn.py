@@ -6,8 +6,8 @@ from mmengine.runner.checkpoint import save_checkpoint
 
 import mmdet_bnplug  # noqa: F401  (registers the layers)
 from mabn_from_bn import main
-from mmdet_bnplug.transforms.mabn_from_bn import bn_equivalent, output_change
 from mmdet_bnplug.layers.mabn import MABN
+from mmdet_bnplug.transforms.mabn_from_bn import bn_equivalent, output_change
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 

@@ -95,7 +95,7 @@ def markdown(rows: List[dict], meta: dict, plot_paths: Dict[str, str], md_path: 
         out += _table(scratch, gaps) + ['']
         if _row(rows, 'mabn2') is not None:
             gap = gaps.get('mabn2')
-            out += [f'**Gap MABN closes** at normalisation batch 2: '
+            out += ['**Gap MABN closes** at normalisation batch 2: '
                     + ('undefined, BN at 2 and at 32 are not both measured or have equal '
                        'means' if gap is None else f'{100 * gap:.0f}%')
                     + f' (BN at 2: {_pct(_row(rows, "bn2"))}, '

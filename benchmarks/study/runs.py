@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401  registers MABN, ConvWC, EvalBN, PortableSyncBN
-from mmdet_bnplug.testing.gloo import run_gloo
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN
+from mmdet_bnplug.testing.gloo import run_gloo
 
 from .data import NUM_CLASSES, make_split, to_input
 from .model import GhostNorm, SmallResNet

@@ -10,8 +10,14 @@ from torch import nn
 
 from benchmarks.small_batch_study import TINY, main
 from benchmarks.study.model import GhostNorm
-from benchmarks.study.runs import (METHODS, METHODS_BY_KEY, StudyConfig, build_model, layer_cfgs,
-                                   run_synced)
+from benchmarks.study.runs import (
+    METHODS,
+    METHODS_BY_KEY,
+    StudyConfig,
+    build_model,
+    layer_cfgs,
+    run_synced,
+)
 from mmdet_bnplug.layers.mabn import MABN
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
