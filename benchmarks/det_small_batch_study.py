@@ -162,7 +162,8 @@ def run_config_text(args, row, seed, sched, load_from=None, diag=None):
     iters, warmup = sched['iters'], sched['warmup']
     log_interval = max(1, iters // 60)
     lines = [f"_base_ = [{cfg!r}]\n"]
-    imports = ['mmdet_bnplug'] + (['benchmarks.det_study.diag_layers'] if diag else [])
+    is_diag = bool(row.get('_diag'))
+    imports = ['mmdet_bnplug'] + (['benchmarks.det_study.diag_layers'] if is_diag else [])
     lines.append(f"custom_imports = dict(imports={imports!r}, allow_failed_imports=False)\n")
     lines.append(data_text(args.data_root))
     lines.append(f"train_dataloader = dict(batch_size={row['images_per_gpu']}, "
@@ -182,7 +183,7 @@ def run_config_text(args, row, seed, sched, load_from=None, diag=None):
                  f"         milestones={sched['milestones']!r}, gamma=0.1)]\n")
     lines.append(f"default_hooks = dict(logger=dict(interval={log_interval}),\n"
                  f"    checkpoint=dict(interval={iters}, max_keep_ckpts=1))\n")
-    if diag:
+    if is_diag:
         lines.append("custom_hooks = [dict(type='StalenessHook')]\n")
     elif row['norm'] == 'EvalBN':
         lines.append("custom_hooks = [dict(type='NormEvalCheckHook', interval=50, "
