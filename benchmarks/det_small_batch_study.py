@@ -561,20 +561,25 @@ def write_diag_report(args, records):
              'batch; staleness = mean relative distance of the moving average from this '
              "batch's statistic, over layers and the logged iterations after warm-up.", '',
              '| variant | what | recipe | iters | seed | bbox mAP | bbox mAP@0.5 | '
-             'max grad norm | median grad norm | stale fwd | stale bwd | final loss |',
+             'max grad norm | median grad norm | stale fwd median / max | '
+             'stale bwd median / max | final loss |',
              '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
 
     def med(vals):
         vals = [v for v in vals if v is not None]
         return f'{statistics.median(vals):.3g}' if vals else '-'
 
+    def med_max(vals):
+        vals = [v for v in vals if v is not None]
+        return f'{statistics.median(vals):.3g} / {max(vals):.3g}' if vals else '-'
+
     for r in records:
         c = r.get('curve', {})
         lines.append(
             f"| {r['variant']} | {r['label']} | {r['recipe']} | {r['iters']} | {r['seed']} | "
             f"{r['bbox_mAP']:.3f} | {r['bbox_mAP_50']:.3f} | {r['max_grad_norm'] or 0:.1f} | "
-            f"{med(c.get('grad_norm', []))} | {med(c.get('stale_fwd', []))} | "
-            f"{med(c.get('stale_bwd', []))} | {r['final_loss'] or 0:.3f} |")
+            f"{med(c.get('grad_norm', []))} | {med_max(c.get('stale_fwd', []))} | "
+            f"{med_max(c.get('stale_bwd', []))} | {r['final_loss'] or 0:.3f} |")
     with open(md + '.tmp', 'w') as f:
         f.write('\n'.join(lines) + '\n')
     os.replace(md + '.tmp', md)
