@@ -597,7 +597,7 @@ def write_diag_report(args, records):
         c = r.get('curve', {})
         if not c.get('iter'):
             continue
-        axes[0].plot(c['iter'], c['loss'], lw=1, label=r['variant'])
+        axes[0].plot(c['iter'], c['loss'], lw=1, label=f"{r['variant']} s{r['seed']}")
         axes[1].plot(c['iter'], [g if g is not None else math.nan for g in c['grad_norm']],
                      lw=1, label=r['variant'])
         if c.get('stale_bwd'):
