@@ -7,7 +7,8 @@
 #   and moving averages over past iterations are stalest; the SMA starts with the full
 #   learning rate, as in the paper's detection runs (its warm-up and SMA start coincide);
 # - renorm_iters=1000, r_max=5, momentum=0.02 (PyTorch sense, the paper's 0.98 decay).
-# The toy study has not yet shown this recipe beating BN at 2 images (docs/det_small_batch_study.md).
+# The toy study has not yet shown this recipe beating BN at 2 images
+# (docs/det_small_batch_study.md).
 # Initialisation: the torchvision BN checkpoint of mmdet's config loads with MABN's
 # eval-exact statistics mapping, but ConvWC's kernel centring moves the outputs (measure
 # with `python tools/mabn_from_bn.py`). The paper starts from a backbone
