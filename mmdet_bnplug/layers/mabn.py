@@ -15,15 +15,9 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import mabn as mabn_ops
+from ..utils.recompute import inside_backward
 from ._checks import check_bool, check_int, check_real
 from ._utils import stat_dtype
-
-
-def _inside_backward() -> bool:
-    """True while autograd's engine runs a backward pass on this thread, which is
-    where activation checkpointing (reentrant or not) re-runs forwards."""
-    task_id = getattr(torch._C, '_current_graph_task_id', None)
-    return task_id is not None and task_id() != -1
 
 
 @MODELS.register_module()
@@ -127,7 +121,7 @@ class MABN(_BatchNorm):
         call is a fresh step.)"""
         host = self._host
         compiling = torch.compiler.is_compiling()
-        if not compiling and host['step'] is not None and _inside_backward():
+        if host['step'] is not None and inside_backward():  # False while compiling
             return mabn_ops.train_affine(x, self.weight, self.bias, *host['step'],
                                          self.buffer_gz, self.warmup_iters)
         y, coeffs, step = mabn_ops.train(x, self.weight, self.bias, self.running_var,
