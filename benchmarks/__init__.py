@@ -1,2 +1,2 @@
 """Benchmarks and studies; run from the repository root, e.g.
-``python benchmarks/bench_norms.py`` (see docs/benchmarks.md)."""
+``python -m benchmarks.bench_norms`` (see docs/benchmarks.md)."""

@@ -1,6 +1,6 @@
 """Time and peak memory of norm layers, as ratios to nn.BatchNorm2d in the same run.
 
-    python benchmarks/bench_norms.py [--quick] [--out-md FILE] [--out-png FILE]
+    python -m benchmarks.bench_norms [--quick] [--out-md FILE] [--out-png FILE]
         [--repeats 7] [--threads N] [--only NAME ...] [--max-numel N] [--sync-procs 2]
 
 Shapes: the BN inputs of a RetinaNet R50 backbone (pytorch style, stride in the 3x3
@@ -47,7 +47,10 @@ from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import torch
-from bench_utils import (
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench_utils import (
     DEFAULT_REPEATS,
     agree_on_most_calls,
     benchmark_parser,
@@ -60,9 +63,6 @@ from bench_utils import (
     save_figure,
     write_text,
 )
-from torch import nn
-from torch.profiler import ProfilerActivity, profile
-
 from mmdet_bnplug.layers.eval_bn import EvalBN
 from mmdet_bnplug.layers.mabn import MABN
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN

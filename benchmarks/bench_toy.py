@@ -1,6 +1,6 @@
 """End-to-end cost of each norm choice in the toy RetinaNet R18-FPN, as ratios to BN.
 
-    python benchmarks/bench_toy.py [--quick] [--out-md FILE] [--out-png FILE]
+    python -m benchmarks.bench_toy [--quick] [--out-md FILE] [--out-png FILE]
         [--batch-size 8] [--repeats 7] [--threads N] [--sync-procs 2]
 
 Models: built from the toy configs (``configs/toy/``) with mmengine's Config and mmdet's
@@ -36,7 +36,16 @@ import os.path as osp
 
 import numpy as np
 import torch
-from bench_utils import (
+from mmdet.registry import MODELS
+from mmdet.structures import DetDataSample
+from mmdet.utils import register_all_modules
+from mmengine.config import Config
+from mmengine.logging import MMLogger
+from mmengine.model.wrappers import MMDistributedDataParallel
+from mmengine.optim import build_optim_wrapper
+from mmengine.structures import InstanceData
+
+from benchmarks.bench_utils import (
     DEFAULT_REPEATS,
     benchmark_parser,
     grouped_bars,
@@ -48,15 +57,6 @@ from bench_utils import (
     save_figure,
     write_text,
 )
-from mmdet.registry import MODELS
-from mmdet.structures import DetDataSample
-from mmdet.utils import register_all_modules
-from mmengine.config import Config
-from mmengine.logging import MMLogger
-from mmengine.model.wrappers import MMDistributedDataParallel
-from mmengine.optim import build_optim_wrapper
-from mmengine.structures import InstanceData
-
 from mmdet_bnplug.layers.mabn import MABN
 from mmdet_bnplug.testing.synthetic import SyntheticSpec, make_image
 from mmdet_bnplug.transforms import fuse_norm

@@ -1,6 +1,6 @@
 """The small-batch study: accuracy vs normalisation batch size for each norm layer.
 
-    python benchmarks/small_batch_study.py --out-dir docs/img \\
+    python -m benchmarks.small_batch_study --out-dir docs/img \\
         --out-md docs/small_batch_study_results.md [--seeds 3] [--jobs 2]
         [--methods KEY ...] [--set FIELD=VALUE ...] [--tiny]
 
@@ -28,10 +28,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.study import report  # noqa: E402
-from benchmarks.study.runs import METHODS, METHODS_BY_KEY, StudyConfig, run_single, run_synced  # noqa: E402
+from benchmarks.study import report
+from benchmarks.study.runs import METHODS, METHODS_BY_KEY, StudyConfig, run_single, run_synced
 
 TINY = dict(widths=(4, 8, 8, 8), num_train=96, num_pretrain=96, num_test=64, steps=12,
             warmup_steps=3, pretrain_steps=6, finetune_steps=6, finetune_warmup_steps=2,
@@ -129,7 +127,8 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     os.makedirs(os.path.dirname(args.out_md) or '.', exist_ok=True)
     json_path = os.path.splitext(args.out_md)[0] + '.json'
-    meta = dict(command=' '.join(['python'] + [shlex.quote(a) for a in sys.argv]),
+    command = ['python', '-m', 'benchmarks.small_batch_study'] + sys.argv[1:]
+    meta = dict(command=' '.join(shlex.quote(a) for a in command),
                 date=datetime.date.today().isoformat(), seeds=seeds, jobs=args.jobs,
                 cpus=os.cpu_count(), torch=torch.__version__,
                 load_start=os.getloadavg()[0], config=dataclasses.asdict(config))

@@ -4,25 +4,23 @@ iterations), trains and evaluates one MABN run through tools/train.py and tools/
 and writes its records, markdown table and plots. Structure only: no timing, no accuracy.
 """
 import json
-import os
 import os.path as osp
 import subprocess
 import sys
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-SCRIPT = osp.join(REPO, 'benchmarks', 'det_small_batch_study.py')
 TYPES = dict(norm=str, where=str, images_per_gpu=int, processes=int, seed=int, iters=int,
              bbox_mAP=float, bbox_mAP_50=float)
 
 
 def _run(tmp_path, *extra):
     out = tmp_path / 'out'
-    cmd = [sys.executable, SCRIPT, '--tiny', '--only', 'mabn2', '--seeds', '0',
-           '--threads', '1', '--data-root', str(tmp_path / 'data'),
+    cmd = [sys.executable, '-m', 'benchmarks.det_small_batch_study', '--tiny',
+           '--only', 'mabn2', '--seeds', '0', '--threads', '1',
+           '--data-root', str(tmp_path / 'data'),
            '--work-root', str(tmp_path / 'work_dirs'), '--out-json', str(out / 'r.json'),
            '--out-md', str(out / 'r.md'), '--img-dir', str(out / 'img'), *extra]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout

@@ -1,7 +1,6 @@
 """Smoke runs of the benchmark scripts on tiny inputs: they run, and their reports are
 complete and consistent. No time is asserted (timings on a shared machine are noise)."""
 import math
-import os.path as osp
 
 import pytest
 
@@ -29,9 +28,9 @@ def table(found, prefix):
     return matches[0]
 
 
-def run_benchmark(tmp_path, script, *args):
+def run_benchmark(tmp_path, module, *args):
     md, png = tmp_path / 'report.md', tmp_path / 'plot.png'
-    proc = run_tool([osp.join('benchmarks', script), '--quick', '--threads', '1',
+    proc = run_tool(['-m', f'benchmarks.{module}', '--quick', '--threads', '1',
                      '--out-md', str(md), '--out-png', str(png), *args])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = md.read_text()
@@ -48,7 +47,7 @@ def positive(cell):
 
 
 def test_bench_norms_quick(tmp_path):
-    found = run_benchmark(tmp_path, 'bench_norms.py', '--max-numel', '50000')
+    found = run_benchmark(tmp_path, 'bench_norms', '--max-numel', '50000')
     summary = table(found, 'Summary')
     layers = ['MABN', 'MABN PyTorch step', 'MABN naive', 'BN eval', 'EvalBN', 'BN eval frozen',
               'EvalBN frozen', 'PortableSyncBN', 'FrozenBN', 'GroupNorm', 'PortableSyncBN x2']
@@ -79,7 +78,7 @@ def test_bench_norms_quick(tmp_path):
 
 
 def test_bench_toy_quick(tmp_path):
-    found = run_benchmark(tmp_path, 'bench_toy.py')
+    found = run_benchmark(tmp_path, 'bench_toy')
     train = table(found, 'Training iteration')
     assert list(train)[1:] == ['BN', 'EvalBN', 'EvalBN frozen', 'ConvWC+MABN',
                                'PortableSyncBN', 'GN', 'BN x2 (DDP)',
