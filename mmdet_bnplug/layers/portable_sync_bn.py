@@ -77,7 +77,8 @@ _bn_backward = torch.ops.aten.native_batch_norm_backward
 def _local_moments(x, sd):
     """This rank's per-channel ``(mean, M2)`` (M2 = sum of squared deviations) in ``sd``.
 
-    fp32/fp64 input: BN's own statistics kernel, one fused pass, as precise as BN's.
+    fp32/fp64 input: BN's own statistics kernel, one fused pass, as precise as BN's
+    (compiled: ``var_mean``, which inductor makes one Welford pass).
     fp16/bf16 input: two passes in fp32 (that kernel would round the statistics to the
     input's precision)."""
     n = x.numel() // x.shape[1]
@@ -88,6 +89,9 @@ def _local_moments(x, sd):
     if x.dtype in _LOW_PRECISION:
         mean = x.to(sd).sum(reduce_dims(x)) / n
         return mean, _centred(x, mean).square_().sum(reduce_dims(x))
+    if torch.compiler.is_compiling():  # no fake kernel for dynamic shapes; inductor fuses
+        var, mean = torch.var_mean(x, reduce_dims(x), correction=0)  # this one (Welford)
+        return mean.to(sd), var.to(sd) * n
     mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
     return mean, var * n
 
@@ -276,7 +280,9 @@ class PortableSyncBN(_BatchNorm):
                 return self._empty_output(x)
             return self._local_forward(x)
         mean, var, count = global_batch_stats(x, group)
-        if x.device.type == 'cpu':  # reading the count is free on the CPU
+        # reading the count is free on the CPU; a compiled graph never reads it (an
+        # empty group batch then gives an empty output and no state change too)
+        if x.device.type == 'cpu' and not torch.compiler.is_compiling():
             total = int(count)
             if total == 0:
                 return self._empty_output(x)

@@ -20,13 +20,18 @@ exactly what it mutates::
 - ``mabn_train_stats``: the spec's "Training forward" statistics (one reduction pass over
   ``x``, no gradient): advances the counter to t, writes ``buffer_x2[t % B]`` and
   ``running_var``; returns ``coeffs`` (2, C) in the statistics dtype, rows
-  ``q = r / sqrt(s2 + eps)`` and ``-1 / (s2 + eps)``, and ``step``, a copy of t.
+  ``q = r / sqrt(s2 + eps)`` and ``-1 / (s2 + eps)``, and ``step``, t.
 - ``mabn_train_affine``: ``y = (q * w) * x + b`` (one pass), differentiable; its autograd
   rule is ``mabn_train_backward``. ``buffer_gz`` and ``warmup_iters`` are read only by
   the backward.
 - ``mabn_train_backward``: the spec's "Training backward" (one fused reduction pass, then
   ``dx = a * dy + k * x``): writes ``buffer_gz[t % B]``; ``dw``, ``db`` in the statistics
   dtype; outputs ``output_mask`` (dx, -, db) does not ask for are empty (0,) tensors.
+- Non-finite guard (AMP overflow; not in the spec): a forward whose ``x2`` has a
+  non-finite channel writes no state (counter, ``buffer_x2``, ``running_var`` keep their
+  values; ``step`` is still t, so the next step reuses t); a backward whose ``gz`` has
+  a non-finite channel does not write ``buffer_gz``. That step's own output may be
+  non-finite (GradScaler skips it); later steps are as if the write never happened.
 
 ``mabn_train`` = ``mabn_train_stats`` on the detached ``x``, then ``mabn_train_affine``
 (buffer_gz is written by its backward); ``coeffs`` and ``step`` let a caller recompute
@@ -105,12 +110,14 @@ def _affine(x: torch.Tensor, scale: torch.Tensor, shift) -> torch.Tensor:
 
 
 def _record(buffer: torch.Tensor, step: torch.Tensor, value: torch.Tensor,
-            warmup_iters: int) -> torch.Tensor:
-    """``buffer[t % B] = value``; returns ``value`` in the batch-statistics phase
-    (``t <= B or t < warmup_iters``), else the mean of the B rows. Tensor ops only."""
+            warmup_iters: int, finite: torch.Tensor) -> torch.Tensor:
+    """``buffer[t % B] = value`` if ``finite`` (a bool tensor; else the row keeps its
+    value); returns ``value`` in the batch-statistics phase (``t <= B or t <
+    warmup_iters``), else the mean of the B rows. Tensor ops only (no host sync)."""
     rows = buffer.shape[0]
-    buffer.index_copy_(0, torch.remainder(step, rows).view(1),
-                       cast(value, buffer.dtype).unsqueeze(0))
+    index = torch.remainder(step, rows).view(1)
+    row = torch.where(finite, cast(value, buffer.dtype), buffer.index_select(0, index)[0])
+    buffer.index_copy_(0, index, row.unsqueeze(0))
     use_batch = (step <= rows) | (step < warmup_iters)
     return torch.where(use_batch, value, buffer.mean(0, dtype=value.dtype))
 
@@ -127,16 +134,18 @@ def train_stats_pytorch(x, running_var, num_batches_tracked, buffer_x2, eps, mom
         _warn_not_compiled()
     ones = torch.ones(x.shape[1], dtype=stat_dtype(x.dtype), device=x.device)
     x2 = _dot_sums(x, x, ones, False)[0].div_(x.numel() // x.shape[1])
-    num_batches_tracked.add_(1)
-    step = num_batches_tracked.clone()
-    s2 = _record(buffer_x2, step, x2, warmup_iters)
+    finite = torch.isfinite(x2).all()
+    step = num_batches_tracked + 1
+    num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+    s2 = _record(buffer_x2, step, x2, warmup_iters, finite)
     var = s2 + eps
     inv_std = var.rsqrt()
     # r = clip(sqrt(s2 + eps) / sqrt(running_var + eps)), running_var before this
     # step's update, once t > max(renorm_iters, warmup_iters); else 1
     r = var.div_(cast(running_var, var.dtype) + eps).sqrt_().clamp_(1 / r_max, r_max)
     q = torch.where(step > max(renorm_iters, warmup_iters), r.mul_(inv_std), inv_std)
-    running_var.lerp_(cast(s2, running_var.dtype), momentum)
+    running_var.copy_(torch.where(finite, running_var.lerp(cast(s2, running_var.dtype),
+                                                           momentum), running_var))
     return torch.stack([q, inv_std.square_().neg_()]), step
 
 
@@ -154,7 +163,7 @@ def train_backward_pytorch(dy, x, weight, coeffs, step, buffer_gz, warmup_iters,
     gz = dw * (1.0 / (x.numel() // x.shape[1]))
     if weight is not None:
         gz.mul_(cast(weight, gz.dtype))
-    mgz = _record(buffer_gz, step, gz, warmup_iters)
+    mgz = _record(buffer_gz, step, gz, warmup_iters, torch.isfinite(gz).all())
     dx = x.new_empty(0)
     if output_mask[0]:
         dx = _affine(x, mgz.mul_(neg_inv_var), None)

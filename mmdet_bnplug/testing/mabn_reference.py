@@ -14,6 +14,10 @@ class SpecMABN:
 
     ``xp``: the array module, numpy (the tests) or torch (the benchmark's naive
     candidate, on float64 tensors): the same lines run on either.
+
+    Beyond the spec, the package's non-finite guard (AMP overflow): a forward whose
+    ``x2`` is not finite leaves ``t``, ``buffer_x2`` and ``running_var`` as they were,
+    a backward whose ``gz`` is not finite leaves ``buffer_gz``.
     """
 
     def __init__(self, c, buffer_size, warmup_iters, renorm_iters, r_max, momentum, eps,
@@ -33,10 +37,13 @@ class SpecMABN:
         return v.reshape((1, -1) + (1, ) * (like.ndim - 2))
 
     def forward(self, x, w, b):
-        self.t += 1
-        t, B = self.t, self.B
+        t, B = self.t + 1, self.B
         x2 = (self._per_channel(x)**2).mean(1)
-        self.buffer_x2[t % B] = x2
+        finite = bool(self.xp.isfinite(x2).all())  # the guard: a non-finite step
+        if finite:                                 # writes no state
+            self.t = t
+            self.buffer_x2[t % B] = x2
+        self.step = t
         self.use_batch = (t <= B) or (t < self.warmup)
         s2 = x2 if self.use_batch else self.buffer_x2.mean(0)
         z = x / self._bc(self.xp.sqrt(s2 + self.eps), x)
@@ -46,7 +53,8 @@ class SpecMABN:
         else:
             r = self.xp.clip(r, 1 / self.r_max, self.r_max)
         y = self._bc(w, x) * (self._bc(r, x) * z) + self._bc(b, x)
-        self.running_var = (1 - self.m) * self.running_var + self.m * s2
+        if finite:
+            self.running_var = (1 - self.m) * self.running_var + self.m * s2
         self.saved = (z, r, s2, w)
         return y
 
@@ -54,7 +62,8 @@ class SpecMABN:
         z, r, s2, w = self.saved
         g = dy * self._bc(w, dy) * self._bc(r, dy)
         gz = self._per_channel(g * z).mean(1)
-        self.buffer_gz[self.t % self.B] = gz
+        if self.xp.isfinite(gz).all():
+            self.buffer_gz[self.step % self.B] = gz
         mgz = gz if self.use_batch else self.buffer_gz.mean(0)
         dx = (g - z * self._bc(mgz, z)) / self._bc(self.xp.sqrt(s2 + self.eps), z)
         dw = self._per_channel(dy * self._bc(r, dy) * z).sum(1)

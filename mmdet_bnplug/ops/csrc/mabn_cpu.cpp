@@ -5,7 +5,8 @@
 //
 // Stateless: every input is a tensor or a scalar, and each kernel writes only the tensors
 // its op's schema declares mutable (mabn_train_stats: running_var, num_batches_tracked,
-// buffer_x2; mabn_train_backward: buffer_gz), bumping their version counters.
+// buffer_x2; mabn_train_backward: buffer_gz), bumping their version counters; a step
+// whose statistics are not finite writes none of them (the non-finite guard, mabn.py).
 //
 // The arithmetic and the passes over memory are those of the ops' PyTorch
 // implementation: ATen's vectorised kernels for the elementwise work and the fused
@@ -77,14 +78,25 @@ bool use_batch(int64_t t, int64_t buffer_size, int64_t warmup_iters) {
   return t <= buffer_size || t < warmup_iters;
 }
 
-// buffer[t % B][c] = value[c] for every channel; returns, per channel, value (batch
-// statistics) or the mean of the B rows (moving average), through ``per_channel(c, s)``.
+// Every one of the C values finite? (The non-finite guard: see mabn.py.)
+template <typename T>
+bool all_finite(const T* value, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    if (!std::isfinite(value[c])) return false;
+  }
+  return true;
+}
+
+// buffer[t % B][c] = value[c] for every channel if ``write``; returns, per channel, value
+// (batch statistics) or the mean of the B rows (moving average), through
+// ``per_channel(c, s)``.
 template <typename T, typename F>
-void record(const Tensor& buffer, int64_t t, bool batch, const T* value, F per_channel) {
+void record(const Tensor& buffer, int64_t t, bool batch, bool write, const T* value,
+            F per_channel) {
   const int64_t rows = buffer.size(0), C = buffer.size(1);
   T* buf = buffer.mutable_data_ptr<T>();
   T* row = buf + (t % rows) * C;
-  for (int64_t c = 0; c < C; ++c) row[c] = value[c];
+  if (write) std::copy(value, value + C, row);
   for (int64_t c = 0; c < C; ++c) {
     T s = value[c];
     if (!batch) {
@@ -188,22 +200,22 @@ std::tuple<Tensor, Tensor> train_stats(const Tensor& x, const Tensor& running_va
   TORCH_CHECK(buffer.size(0) >= 1, op, ": buffer_x2 must have at least one row");
   const int64_t t = read_counter(op, "num_batches_tracked", counter) + 1;
   TORCH_CHECK(counter.is_contiguous(), op, ": num_batches_tracked must be contiguous");
-  *counter.mutable_data_ptr<int64_t>() = t;
-  counter.unsafeGetTensorImpl()->bump_version();
   const bool batch = use_batch(t, buffer.size(0), warmup_iters);
   const bool renorm = t > std::max(renorm_iters, warmup_iters);
   const Consts k = make_consts(C, dtype);
   const Tensor x2 = std::get<0>(dot_sums(x, x, k.ones, k, false));  // sum(x^2)
   const Tensor coeffs = at::empty({2, C}, rv_work.options());
   const double inv_n = 1.0 / static_cast<double>(x.numel() / C);
+  bool finite = false;
   AT_DISPATCH_FLOATING_TYPES(dtype, "mabn_train_stats", [&] {
     using T = scalar_t;
     T* x2p = x2.mutable_data_ptr<T>();
     for (int64_t c = 0; c < C; ++c) x2p[c] *= static_cast<T>(inv_n);
+    finite = all_finite(x2p, C);
     T* rv = rv_work.mutable_data_ptr<T>();
     T* q = coeffs.mutable_data_ptr<T>() + kQ * C;
     T* neg_inv_var = coeffs.mutable_data_ptr<T>() + kNegInvVar * C;
-    record<T>(buffer, t, batch, x2p, [&](int64_t c, T s2) {
+    record<T>(buffer, t, batch, finite, x2p, [&](int64_t c, T s2) {
       const T var = s2 + static_cast<T>(eps);
       const T inv_std = T(1) / std::sqrt(var);
       q[c] = inv_std;
@@ -211,13 +223,19 @@ std::tuple<Tensor, Tensor> train_stats(const Tensor& x, const Tensor& running_va
         const T r = std::sqrt(var / (rv[c] + static_cast<T>(eps)));
         q[c] = std::clamp(r, static_cast<T>(1.0 / r_max), static_cast<T>(r_max)) * inv_std;
       }
-      rv[c] += static_cast<T>(momentum) * (s2 - rv[c]);
       neg_inv_var[c] = -(inv_std * inv_std);
+      if (finite) rv[c] += static_cast<T>(momentum) * (s2 - rv[c]);
     });
   });
-  written(running_var, rv_work);
-  written(buffer_x2, buffer);
-  return {coeffs, counter.clone()};
+  Tensor step = counter.clone();
+  *step.mutable_data_ptr<int64_t>() = t;
+  if (finite) {  // else no state changes: the guard
+    *counter.mutable_data_ptr<int64_t>() = t;
+    counter.unsafeGetTensorImpl()->bump_version();
+    written(running_var, rv_work);
+    written(buffer_x2, buffer);
+  }
+  return {coeffs, step};
 }
 
 // mmdet_bnplug::mabn_train_affine: y = (q * w) * x + b.
@@ -253,6 +271,7 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(
   auto [dw, db] = dot_sums(dy, x, coeffs[kQ], consts, output_mask[2]);
   Tensor k = at::empty_like(dw);  // -mgz / (s2 + eps), the coefficient of x in dx
   const double inv_n = 1.0 / static_cast<double>(x.numel() / C);
+  bool written_gz = false;  // the guard: a non-finite gz is not recorded
   AT_DISPATCH_FLOATING_TYPES(dw.scalar_type(), "mabn_train_backward", [&] {
     using T = scalar_t;
     const T* dwp = dw.const_data_ptr<T>();
@@ -261,10 +280,11 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(
     std::vector<T> gz(C);
     for (int64_t c = 0; c < C; ++c) gz[c] = dwp[c] * static_cast<T>(inv_n) * (wp ? wp[c] : T(1));
     T* kp = k.mutable_data_ptr<T>();
-    record<T>(buffer, t, use_batch(t, buffer.size(0), warmup_iters), gz.data(),
+    written_gz = all_finite(gz.data(), C);
+    record<T>(buffer, t, use_batch(t, buffer.size(0), warmup_iters), written_gz, gz.data(),
               [&](int64_t c, T mgz) { kp[c] = mgz * neg_inv_var[c]; });
   });
-  written(buffer_gz, buffer);
+  if (written_gz) written(buffer_gz, buffer);
   Tensor dx = at::empty({0}, x.options());
   if (output_mask[0]) {
     Tensor scale = scale_of(coeffs, w);
