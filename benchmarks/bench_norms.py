@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_norms [--quick] [--out-md FILE] [--out-png FILE]
         [--repeats 7] [--threads N] [--only NAME ...] [--max-numel N] [--sync-procs 2]
+        [--channels-last] [--compiled]
 
 Shapes: the BN inputs of a RetinaNet R50 backbone (pytorch style, stride in the 3x3
 conv) and the FPN P3-P7 outputs, at batch 2 for an 800x1333 image padded to 800x1344
@@ -38,6 +39,11 @@ the same number of calls on every rank), with ``--threads / --sync-procs`` threa
 and compare peak memory as above. It also counts the collectives of one call from the
 profiler's backend events (``gloo:*``), forward and backward apart.
 
+``--compiled``: each layer of ``COMPILED`` also runs as ``torch.compile(layer,
+fullgraph=True, dynamic=True)`` (inductor), interleaved with the rest; its fwd+bwd is
+divided by the same layer's eager fwd+bwd. The first call of each (untimed) compiles; a
+layer recompiles per channel count (dynamo specialises integer module attributes).
+
 Output: markdown tables (printed, and written to ``--out-md``) and a PNG of the ratios
 per shape (``--out-png``).
 """
@@ -47,6 +53,7 @@ from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -198,10 +205,12 @@ class Candidate:
 
     ``held_to``: other entries its fwd+bwd is also compared with (time and memory).
     ``eval_forward``: False when its eval forward is another entry's (not timed twice).
+    ``frozen``: a frozen-statistics layer (plotted beside the other frozen ones).
     """
     factory: Callable[[int], nn.Module]
     held_to: Tuple[str, ...] = ()
     eval_forward: bool = True
+    frozen: bool = False
 
 
 # name -> Candidate; the first entry is the baseline
@@ -210,13 +219,14 @@ CANDIDATES = {
     'MABN': Candidate(_steady_mabn(MABN)),
     'MABN PyTorch step': Candidate(_steady_mabn(_MABNPyTorchStep), eval_forward=False),
     'MABN naive': Candidate(_naive_mabn),
-    'BN eval': Candidate(_BatchNorm2dEval, eval_forward=False),
-    'EvalBN': Candidate(EvalBN, held_to=('BN eval', )),
-    'BN eval frozen': Candidate(_frozen_affine(_BatchNorm2dEval), eval_forward=False),
+    'BN eval': Candidate(_BatchNorm2dEval, eval_forward=False, frozen=True),
+    'EvalBN': Candidate(EvalBN, held_to=('BN eval', ), frozen=True),
+    'BN eval frozen': Candidate(_frozen_affine(_BatchNorm2dEval), eval_forward=False,
+                                frozen=True),
     'EvalBN frozen': Candidate(_frozen_affine(EvalBN), held_to=('BN eval frozen', 'BN eval'),
-                               eval_forward=False),
+                               eval_forward=False, frozen=True),
     'PortableSyncBN': Candidate(PortableSyncBN),
-    'FrozenBN': Candidate(_frozen_bn),
+    'FrozenBN': Candidate(_frozen_bn, frozen=True),
     'GroupNorm': Candidate(lambda c: nn.GroupNorm(32, c)),
 }
 # targets the docs quote: (what, ratio kind, layer, reference, bound)
@@ -225,6 +235,10 @@ TARGETS = [('MABN fwd+bwd time / BN', 'time', 'MABN', 'BatchNorm2d', 1.25),
            ('EvalBN fwd+bwd time / BN eval', 'time', 'EvalBN', 'BN eval', 1.0),
            ('EvalBN frozen fwd+bwd time / BN eval frozen', 'time', 'EvalBN frozen',
             'BN eval frozen', 1.0)]
+# --compiled: these layers also run under torch.compile (inductor, fullgraph, dynamic
+# shapes), timed against their own eager fwd+bwd
+COMPILED = ('BatchNorm2d', 'MABN', 'EvalBN', 'EvalBN frozen', 'PortableSyncBN', 'FrozenBN',
+            'GroupNorm')
 QUICK = dict(max_numel=150_000, repeats=3, target_s=0.01)
 # kineto (read when the profiler first starts) logs each start and stop on stderr
 os.environ.setdefault('KINETO_LOG_LEVEL', '6')
@@ -282,31 +296,76 @@ def collectives_per_call(layer, x, dy):
     return count(forward), count(backward)
 
 
+class _Collectives(torch.autograd.Function):
+    """Identity on ``y`` whose forward all_gathers and backward all_reduces as many values
+    as PortableSyncBN's two collectives carry for ``c`` channels (count, mean, M2; sum(dy),
+    sum(dy * xhat))."""
+
+    @staticmethod
+    def forward(ctx, y, c):
+        local = y.new_zeros(1, 2 * c + 1)
+        dist.all_gather_into_tensor(y.new_empty(dist.get_world_size(), 2 * c + 1), local)
+        ctx.c = c
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dist.all_reduce(dy.new_zeros(2 * ctx.c))
+        return dy, None
+
+
+class BNPlusCollectives(nn.BatchNorm2d):
+    """Local BN followed by PortableSyncBN's collectives (same sizes, results unused): the
+    floor of any synchronised BN built on local BN's kernels."""
+
+    def forward(self, x):
+        return _Collectives.apply(super().forward(x), self.num_features)
+
+
 def _sync_worker(rank, world_size, shapes, repeats, target_s):
-    """Per shape: BN ms, PortableSyncBN time and memory ratios, collectives per call."""
+    """Per shape: BN ms, PortableSyncBN time and memory ratios, collectives per call, the
+    floor (BN plus the collectives) and one round trip of the two collectives alone."""
     rows = []
     for _, shape in shapes:
         torch.manual_seed(rank)
         x, dy = torch.randn(shape).requires_grad_(), torch.randn(shape)
-        layers = {'BatchNorm2d': nn.BatchNorm2d(shape[1]),
-                  'PortableSyncBN': PortableSyncBN(shape[1])}
-        times = train_times(layers, x, dy, repeats, target_s, agree=agree_on_most_calls)
-        peaks = {n: peak_bytes(layer, x, dy) for n, layer in layers.items()}
-        rows.append(dict(bn_ms=times['BatchNorm2d'] * 1e3,
-                         time=times['PortableSyncBN'] / times['BatchNorm2d'],
+        c = shape[1]
+        layers = {'BatchNorm2d': nn.BatchNorm2d(c), 'PortableSyncBN': PortableSyncBN(c),
+                  'floor': BNPlusCollectives(c)}
+        steps = {n: (lambda layer=layer: _step(layer, x, dy)) for n, layer in layers.items()}
+        gathered, local, summed = torch.empty(world_size, 2 * c + 1), torch.zeros(1, 2 * c + 1), \
+            torch.zeros(2 * c)
+        steps['collectives'] = lambda: (dist.all_gather_into_tensor(gathered, local),
+                                        dist.all_reduce(summed))
+        times = interleaved_medians(steps, repeats, target_s, agree=agree_on_most_calls)
+        peaks = {n: peak_bytes(layers[n], x, dy) for n in ('BatchNorm2d', 'PortableSyncBN')}
+        bn = times['BatchNorm2d']
+        rows.append(dict(bn_ms=bn * 1e3, time=times['PortableSyncBN'] / bn,
+                         floor=times['floor'] / bn,
+                         over_floor=times['PortableSyncBN'] / times['floor'],
+                         collectives_ms=times['collectives'] * 1e3,
                          mem=peaks['PortableSyncBN'] / peaks['BatchNorm2d'],
                          collectives=collectives_per_call(layers['PortableSyncBN'], x, dy)))
     return rows
 
 
-def measure_shape(shape, names, repeats, target_s, memory_format):
-    """Ratios of every named candidate on one shape (see module docstring)."""
+def measure_shape(shape, names, repeats, target_s, memory_format, compiled=False):
+    """Ratios of every named candidate on one shape (see module docstring); ``compiled``:
+    also the fwd+bwd of each ``COMPILED`` layer under torch.compile over its eager one."""
     torch.manual_seed(0)
     x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
     dy = torch.randn(shape).contiguous(memory_format=memory_format)
     layers = {n: CANDIDATES[n].factory(shape[1]).train() for n in names}
+    compiled_names = [n for n in names if compiled and n in COMPILED]
+    # a layer's integer attributes (num_features, ...) are specialised: one compilation per
+    # channel count, 9 over the 15 shapes, above dynamo's default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    timed = dict(layers, **{
+        f'{n} compiled': torch.compile(CANDIDATES[n].factory(shape[1]).train(),
+                                       fullgraph=True, dynamic=True)
+        for n in compiled_names})
     base = names[0]
-    times = train_times(layers, x, dy, repeats, target_s)
+    times = train_times(timed, x, dy, repeats, target_s)
     peaks = {n: peak_bytes(layer, x, dy) for n, layer in layers.items()}
     evals = eval_times({n: layers[n] for n in names if CANDIDATES[n].eval_forward},
                        x, repeats, target_s)
@@ -315,6 +374,7 @@ def measure_shape(shape, names, repeats, target_s, memory_format):
         time={n: times[n] / times[base] for n in names[1:]},
         mem={n: peaks[n] / peaks[base] for n in names[1:]},
         eval={n: evals[n] / evals[base] for n in names[1:] if n in evals},
+        compiled={n: times[f'{n} compiled'] / times[n] for n in compiled_names},
         held={(n, ref): (times[n] / times[ref], peaks[n] / peaks[ref])
               for n in names for ref in CANDIDATES[n].held_to if ref in layers})
 
@@ -383,37 +443,78 @@ def report(shapes, results, names, sync, procs, info) -> str:
             ['shape', 'N,C,H,W', base_col] + cols,
             [_shape_cells(label, shape) + [res[base_key]] + [res[kind].get(c) for c in cols]
              for (label, shape), res in zip(shapes, results)]))
+    compiled = list(results[0]['compiled']) if results else []
+    if compiled:
+        out.append('\n## torch.compile: compiled fwd+bwd / eager fwd+bwd of the same layer\n')
+        out.append('inductor, `fullgraph=True`, `dynamic=True` (one compilation per channel '
+                   'count), compiled and eager interleaved in the same rounds; below 1: '
+                   'compiled is faster.\n')
+        out.append(markdown_table(
+            ['layer', 'median', 'worst', 'best'],
+            [[n, *_median_worst([r['compiled'][n] for r in results]),
+              min(r['compiled'][n] for r in results)] for n in compiled]))
+        out.append('\n## torch.compile per shape: compiled fwd+bwd / eager fwd+bwd\n')
+        out.append(markdown_table(
+            ['shape', 'N,C,H,W'] + compiled,
+            [_shape_cells(label, shape) + [res['compiled'][c] for c in compiled]
+             for (label, shape), res in zip(shapes, results)]))
     if sync:
         out.append(f'\n## PortableSyncBN on {procs} gloo processes\n')
         out.append('Per-rank shape; ratios to nn.BatchNorm2d on that shape in the same '
-                   'processes; collectives counted per call.\n')
+                   'processes; collectives counted per call. `floor`: nn.BatchNorm2d '
+                   "followed by PortableSyncBN's two collectives (same sizes), the cost of "
+                   'any synchronised BN on local BN\'s kernels; `/ floor`: PortableSyncBN '
+                   'over it (its own arithmetic); `collectives ms`: the two collectives '
+                   'alone, one round trip.\n')
         out.append(markdown_table(
-            ['shape', 'N,C,H,W per rank', 'BN ms', 'time', 'peak mem',
-             'collectives fwd+bwd'],
-            [_shape_cells(label, shape) + [s['bn_ms'], s['time'], s['mem'],
+            ['shape', 'N,C,H,W per rank', 'BN ms', 'time', 'floor', '/ floor',
+             'collectives ms', 'peak mem', 'collectives fwd+bwd'],
+            [_shape_cells(label, shape) + [s['bn_ms'], s['time'], s['floor'],
+                                            s['over_floor'], s['collectives_ms'], s['mem'],
                                             '{}+{}'.format(*s['collectives'])]
              for (label, shape), s in zip(shapes, sync)]))
+        out.append('')
+        out.append(markdown_table(
+            ['PortableSyncBN x{}'.format(procs), 'median', 'worst'],
+            [['time / BN', *_median_worst([s['time'] for s in sync])],
+             ['floor / BN', *_median_worst([s['floor'] for s in sync])],
+             ['time / floor', *_median_worst([s['over_floor'] for s in sync])]]))
     return '\n'.join(out) + '\n'
 
 
 def plot(path, shapes, results, names, sync, procs):
-    """Grouped bars per shape: fwd+bwd time, eval forward time, peak memory ratios."""
+    """Grouped bars per shape, ratios to nn.BatchNorm2d: rows fwd+bwd time, peak memory and
+    eval forward time; columns the training-mode layers and the frozen ones. A layer has one
+    colour in every panel."""
     plt = pyplot()
     sync_name = f'PortableSyncBN x{procs}'
     layers = names[1:] + ([sync_name] if sync else [])
-    eval_layers = [n for n in names[1:] if CANDIDATES[n].eval_forward]
+    palette = [f'C{i}' for i in range(10)] + ['black', 'navy', 'gold']
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(layers)}
+    frozen = [n for n in layers if n in CANDIDATES and CANDIDATES[n].frozen]
+    columns = (('training-mode layers', [n for n in layers if n not in frozen]),
+               ('frozen-statistics layers', frozen))
+    columns = [(title, cols) for title, cols in columns if cols]
+    rows = (('time', 'fwd+bwd time / BN', True, lambda n: True),
+            ('mem', 'peak memory / BN', False, lambda n: True),
+            ('eval', 'eval forward time / BN eval',
+             True, lambda n: n in CANDIDATES and CANDIDATES[n].eval_forward))
     groups = [label for label, _ in shapes]
-    fig, axes = plt.subplots(3, 1, figsize=(15, 13), gridspec_kw=dict(hspace=0.45))
-    for ax, kind, cols, ylabel, log in (
-            (axes[0], 'time', layers, 'fwd+bwd time / BN', True),
-            (axes[1], 'eval', eval_layers, 'eval forward time / BN eval', True),
-            (axes[2], 'mem', layers, 'peak memory / BN', False)):
-        grouped_bars(ax, groups, {c: [r[kind].get(c) for r in results] for c in cols},
-                     ylabel, log=log)
-    axes[0].legend(ncol=6, fontsize=8, loc='lower left', bbox_to_anchor=(0, 1.02))
-    axes[1].legend(ncol=6, fontsize=8, loc='upper left')
-    axes[0].set_title('Norm layers on RetinaNet R50-FPN shapes (batch 2), ratio to '
-                      'nn.BatchNorm2d in the same run', pad=40)
+    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
+                             figsize=(9 * len(columns), 4.2 * len(rows)),
+                             gridspec_kw=dict(hspace=0.5, wspace=0.15))
+    for r, (kind, ylabel, log, shown) in enumerate(rows):
+        for c, (title, cols) in enumerate(columns):
+            ax = axes[r][c]
+            grouped_bars(ax, groups, {n: [res[kind].get(n) for res in results]
+                                      for n in cols if shown(n)},
+                         ylabel, log=log, colors=colors)
+            if r == 0:
+                ax.set_title(title)
+    for c, (_, cols) in enumerate(columns):
+        axes[0][c].legend(ncol=3, fontsize=8, loc='lower left', bbox_to_anchor=(0, 1.1))
+    fig.suptitle('Norm layers on RetinaNet R50-FPN shapes (batch 2), ratio to '
+                 'nn.BatchNorm2d in the same run', y=1.0)
     save_figure(fig, path)
 
 
@@ -424,6 +525,8 @@ def main():
     parser.add_argument('--max-numel', type=int, default=None,
                         help='skip shapes with more elements')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--compiled', action='store_true',
+                        help='also time each layer under torch.compile against its eager self')
     args = parser.parse_args()
     repeats = args.repeats or (QUICK['repeats'] if args.quick else DEFAULT_REPEATS)
     max_numel = args.max_numel or (QUICK['max_numel'] if args.quick else None)
@@ -440,7 +543,7 @@ def main():
     load_before = os.getloadavg()[0]
     results = []
     for label, shape in shapes:
-        results.append(measure_shape(shape, names, repeats, target_s, fmt))
+        results.append(measure_shape(shape, names, repeats, target_s, fmt, args.compiled))
         print(f'{label}: done', flush=True)
     sync, threads = None, max(1, args.threads // max(1, args.sync_procs))
     procs = args.sync_procs if 'PortableSyncBN' in wanted else 0
@@ -448,7 +551,8 @@ def main():
         sync = run_on_gloo(_sync_worker, procs, threads, shapes, repeats, target_s)
     info = run_info(args.threads, procs, threads, load_before,
                     f'median of {repeats} interleaved rounds'
-                    + (', channels_last' if args.channels_last else ''))
+                    + (', channels_last' if args.channels_last else '')
+                    + (', with torch.compile' if args.compiled else ''))
     text = report(shapes, results, names, sync, procs, info)
     print(text)
     write_text(args.out_md, text)

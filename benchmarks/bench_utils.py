@@ -108,23 +108,29 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence], digits: int 
 
 
 def write_text(path: Optional[str], text: str) -> None:
-    """Write ``text`` to ``path`` (parent directories created); nothing when path is None."""
+    """Write ``text`` to ``path`` atomically (parent directories created); nothing when path
+    is None."""
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, 'w') as f:
+        tmp = f'{path}.tmp{os.getpid()}'
+        with open(tmp, 'w') as f:
             f.write(text)
+        os.replace(tmp, path)
 
 
 def grouped_bars(ax, groups: Sequence[str], series: Dict[str, List[Optional[float]]],
-                 ylabel: str, log: bool = True, annotate: bool = False) -> None:
+                 ylabel: str, log: bool = True, annotate: bool = False,
+                 colors: Optional[Dict[str, str]] = None) -> None:
     """One bar per (group, series) on ``ax``, a dashed line at 1; None values are skipped;
-    ``annotate``: the value above each bar."""
+    ``annotate``: the value above each bar; ``colors``: series name -> colour, so that a
+    series keeps its colour across panels (default: matplotlib's cycle in series order)."""
     width = 0.84 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width
               for g, v in enumerate(values) if v is not None]
+        color = colors[name] if colors else f'C{i % 10}'
         bars = ax.bar(xs, [v for v in values if v is not None], width, label=name,
-                      color=f'C{i % 10}', hatch='//' if i >= 10 else None)
+                      color=color)
         if annotate:
             ax.bar_label(bars, fmt='%.2f', fontsize=8)
     ax.axhline(1.0, color='black', lw=0.8, ls='--')
@@ -148,5 +154,7 @@ def pyplot():
 def save_figure(fig, path: str) -> None:
     """Save a matplotlib figure as a compact PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80, bbox_inches='tight')
+    tmp = f'{path}.tmp{os.getpid()}'
+    fig.savefig(tmp, format='png', dpi=80, bbox_inches='tight')
+    os.replace(tmp, path)
     fig.clf()

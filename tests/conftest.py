@@ -79,8 +79,9 @@ def data_root_options(root):
             f'test_evaluator.ann_file={root}annotations/val.json']
 
 
-def run_tool(args, timeout=600, env=None):
-    """Run ``python <args>`` from the repository root; return the CompletedProcess."""
+def run_tool(args, timeout=600, env=None, cwd=REPO):
+    """Run ``python <args>`` in ``cwd`` (default: the repository root, where relative tool
+    paths resolve); return the CompletedProcess."""
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)

@@ -9,12 +9,13 @@ import os
 import os.path as osp
 import tempfile
 
+from cli import BadValue, MissingInput
+
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.registry import MODELS, DefaultScope
 
-from cli import BadValue, MissingInput
 from run_config import check_norm_types
 
 

@@ -4,8 +4,15 @@ traceback. Internal errors keep their traceback (and exit code 1).
 The errors subclass the built-in type a caller would expect (``FileNotFoundError``,
 ``KeyError``, ``ValueError``, ``RuntimeError``), so code calling the checks directly can
 catch them as usual.
+
+Imported first by every tool (its own import section, see pyproject.toml): it silences
+the one warning every start of the stack prints, setuptools' "pkg_resources is
+deprecated" from mmengine and mmcv (which need it: setuptools is pinned below 81).
 """
 import sys
+import warnings
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
 
 class InputError(Exception):

@@ -12,10 +12,11 @@ not be the input (or a link to it). Use OUT as
 import argparse
 import os.path as osp
 
+import cli
+
 from mmengine.config import DictAction
 from mmengine.runner.checkpoint import weights_to_cpu
 
-import cli
 import mmdet_bnplug  # noqa: F401  (registers the plugin)
 from checkpoint_io import check_output_path, load_model, save_atomic
 from mmdet_bnplug.analysis.norm_report import format_norm_table, norm_table

@@ -10,12 +10,13 @@ optimizer and reports which layers' statistics moved.
 """
 import argparse
 
+import cli
+
 from mmengine.config import DictAction
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import HOOKS, init_default_scope
 from mmengine.runner import Runner
 
-import cli
 import mmdet_bnplug  # noqa: F401  (registers the plugin)
 from checkpoint_io import load_model
 from mmdet_bnplug.analysis.norm_report import COLUMNS, inspect_norms

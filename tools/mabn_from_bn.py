@@ -10,12 +10,13 @@ converted checkpoint to ``OUT``, atomically; OUT may not be an input.
 """
 import argparse
 
+import cli
+
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner.checkpoint import load_checkpoint
 
-import cli
 import mmdet_bnplug  # noqa: F401  (registers the layers)
 from checkpoint_io import check_output_path, save_atomic
 from mmdet_bnplug.transforms.mabn_from_bn import format_report, output_change

@@ -10,14 +10,14 @@ import glob
 import os
 import os.path as osp
 
+from cli import MissingInput, UnknownName, UnsupportedHere
+
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 from torch import nn
-
-from cli import MissingInput, UnknownName, UnsupportedHere
 
 SYNTHETIC_HINT = ('generate the synthetic dataset with: '
                   'python tools/make_synthetic.py {root}')
@@ -130,16 +130,37 @@ def check_datasets(cfg, loader_keys):
                     + hint.format(root=root or osp.dirname(ann_path)))
 
 
+def _latest_checkpoint(work_dir):
+    """The checkpoint mmengine's ``last_checkpoint`` file in ``work_dir`` names (relative
+    to the current directory when inside it), if it exists, else None."""
+    try:
+        with open(osp.join(work_dir, 'last_checkpoint')) as f:
+            latest = f.read().strip()
+    except OSError:
+        return None
+    if not osp.isfile(latest):
+        return None
+    inside = osp.abspath(latest).startswith(os.getcwd() + os.sep)
+    return osp.relpath(latest) if inside else latest  # mmengine writes it absolute
+
+
 def check_checkpoint_path(path, option):
     """MissingInput if a local checkpoint ``path`` (given as ``option``) does not exist,
-    naming files of the same name under ``work_dirs/`` with the option that uses them.
-    URLs (``scheme://``) are left to mmengine."""
+    with the option to pass instead: the latest checkpoint of the run in ``path``'s
+    directory (e.g. a shortened run of the config that writes it), else a file of the
+    same name under ``work_dirs/``. URLs (``scheme://``) are left to mmengine."""
     if not path or '://' in path or osp.isfile(path):
         return
+    latest = _latest_checkpoint(osp.dirname(path) or '.')
     found = sorted(glob.glob(osp.join('work_dirs', '**', osp.basename(path)), recursive=True))
-    hint = (f'; found {found[0]}: pass --cfg-options {option}={found[0]}' if found else
-            '; train the run that writes it first, or pass --cfg-options '
-            f'{option}=<checkpoint>')
+    if latest:
+        hint = (f'; the latest checkpoint of that run is {latest}: pass '
+                f'--cfg-options {option}={latest}')
+    elif found:
+        hint = f'; found {found[0]}: pass --cfg-options {option}={found[0]}'
+    else:
+        hint = ('; train the run that writes it first, or pass --cfg-options '
+                f'{option}=<checkpoint>')
     raise MissingInput(f'{option}={path!r} not found{hint}')
 
 

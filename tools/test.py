@@ -5,6 +5,7 @@ import os.path as osp
 import time
 
 import cli
+
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
 from run_config import add_common_args, build_runner, check_datasets, close_distributed, load_config
 from run_summary import summary_line

@@ -4,6 +4,7 @@ import argparse
 import time
 
 import cli
+
 import mmdet_bnplug  # noqa: F401  (registers the plugin: configs need no custom_imports)
 from run_config import (
     add_common_args,

@@ -77,6 +77,20 @@ def test_bench_norms_quick(tmp_path):
     positive(sync[1]), positive(sync[2]), positive(sync[3])
 
 
+def test_bench_norms_compiled_quick(tmp_path):
+    found = run_benchmark(tmp_path, 'bench_norms', '--max-numel', '50000', '--only', 'MABN',
+                          'EvalBN', '--compiled', '--sync-procs', '0')
+    summary = table(found, 'torch.compile: compiled')
+    assert list(summary) == ['layer', 'BatchNorm2d', 'MABN', 'EvalBN']
+    for layer in ('BatchNorm2d', 'MABN', 'EvalBN'):  # median, worst, best
+        cells = summary[layer]
+        median, worst, best = map(positive, cells)
+        assert best <= median <= worst
+    per_shape = table(found, 'torch.compile per shape')
+    assert per_shape['shape'][1:] == ['BatchNorm2d', 'MABN', 'EvalBN']
+    assert [positive(c) for c in per_shape['P7'][1:]]
+
+
 def test_bench_toy_quick(tmp_path):
     found = run_benchmark(tmp_path, 'bench_toy')
     train = table(found, 'Training iteration')
