@@ -9,6 +9,9 @@
 - ``sync_bn_conversion``: the config key ``sync_bn`` converts plain BN only, not this
   package's layers (mmengine would silently turn MABN or EvalBN into torch's CUDA-only
   SyncBN).
+- ``compile_param_groups``: mmengine's ``compile`` option compiles the optimizer step too,
+  which torch 2.13's dynamo cannot trace over the ``ConfigDict`` param groups mmengine
+  builds; they become plain dicts before compiling.
 
 Switch patches off before the import with ``MMDET_BNPLUG_DISABLE_PATCHES`` (a comma-separated
 list of the names above, or ``all``), or after it with ``revert(name)``.
@@ -16,7 +19,7 @@ list of the names above, or ``all``), or after it with ``revert(name)``.
 import importlib
 import os
 
-PATCHES = ('safe_loading', 'cpu_distributed', 'sync_bn_conversion')
+PATCHES = ('safe_loading', 'cpu_distributed', 'sync_bn_conversion', 'compile_param_groups')
 DISABLE_ENV = 'MMDET_BNPLUG_DISABLE_PATCHES'
 
 
