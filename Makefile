@@ -23,10 +23,7 @@ SYNTHETIC_DIR := data/synthetic
 
 install: $(STAMP)
 
-# the extension's sources (setup.py)
-CSRC := $(addprefix mmdet_bnplug/ops/csrc/,mabn_cpu.cpp channel_combine_cpu.cpp channel_combine.h)
-
-$(STAMP): pyproject.toml setup.py $(CSRC) Makefile
+$(STAMP): pyproject.toml setup.py mmdet_bnplug/ops/csrc/mabn_cpu.cpp Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install '$(TORCH_SPEC)' '$(SETUPTOOLS_SPEC)' wheel ninja numpy
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \

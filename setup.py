@@ -1,7 +1,6 @@
-"""Builds the CPU kernels of MABN's training-step ops (mmdet_bnplug/ops/csrc/mabn_cpu.cpp)
-and of ``channel_combine`` (csrc/channel_combine_cpu.cpp, which mabn_cpu.cpp calls too),
-one extension, ``mmdet_bnplug.ops._mabn_cpu``; the ops themselves are in
-mmdet_bnplug/ops/mabn.py and mmdet_bnplug/ops/channel_combine.py.
+"""Builds the CPU kernels of MABN's training-step ops (mmdet_bnplug/ops/csrc/mabn_cpu.cpp,
+the extension ``mmdet_bnplug.ops._mabn_cpu``; the ops themselves are in
+mmdet_bnplug/ops/mabn.py).
 
 Everything else is declared in pyproject.toml. The extension needs torch at build time
 (``pip install --no-build-isolation``) and a C++17 compiler, both of which mmcv's build
@@ -24,9 +23,7 @@ except ImportError:  # an isolated build environment without torch
           'pip install --no-build-isolation to build them.', file=sys.stderr)
 else:
     ext_modules = [CppExtension('mmdet_bnplug.ops._mabn_cpu',
-                                ['mmdet_bnplug/ops/csrc/mabn_cpu.cpp',
-                                 'mmdet_bnplug/ops/csrc/channel_combine_cpu.cpp'],
-                                depends=['mmdet_bnplug/ops/csrc/channel_combine.h'],
+                                ['mmdet_bnplug/ops/csrc/mabn_cpu.cpp'],
                                 extra_compile_args=['-O3'])]
     cmdclass = {'build_ext': BuildExtension.with_options(use_ninja=False)}
 

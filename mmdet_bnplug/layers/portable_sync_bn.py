@@ -16,7 +16,6 @@ from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops import channel_combine as channel_combine_ops
 from ..utils.recompute import inside_backward
 from ._checks import check_bn_args
 from ._utils import cast, channel_view, reduce_dims, stat_dtype
@@ -129,10 +128,8 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
     BN's cost: the output is one pass of BN's eval kernel; the backward is one fused
     reduction pass (``sum(dy)``, ``sum(dy * xhat)``, BN's backward kernel), then
-    ``dx = A * dy + B * (x - mean) + C`` per channel, without ``xhat`` or any other
-    full-size temporary: on CPU by ``channel_combine`` (one pass for contiguous fp32/fp64
-    input); on other devices and compiled by BN's eval kernel and ``addcmul_`` (two
-    passes, which inductor fuses). Saves only ``x`` (and per-channel vectors)."""
+    ``dx = A * dy + B * (x - mean) + C`` per channel (two passes), without ``xhat`` or any
+    other full-size temporary. Saves only ``x`` (and per-channel vectors)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, invstd, count, group, eps):
@@ -169,9 +166,6 @@ class _GlobalBatchNorm(torch.autograd.Function):
             b, c = -a * invstd * mean_dy_xhat, -a * mean_dy
             if x.numel() == 0:
                 grad_x = torch.empty_like(x)
-            elif x.device.type == 'cpu' and not torch.compiler.is_compiling():
-                # b * (x - mean) + c = b * x + (c - b * mean), as BN's CPU eval kernel has it
-                grad_x = channel_combine_ops.channel_combine(dy, x, a, b, c - b * mean)
             else:
                 grad_x = torch.batch_norm(x, b, c, mean, torch.ones_like(mean), False, 0.0,
                                           0.0, torch.backends.cudnn.enabled)

@@ -228,7 +228,7 @@ try:  # importing registers the C++ kernels for CPU and AutogradCPU (setup.py bu
     from . import _mabn_cpu as cpu_kernels
 except ImportError:
     cpu_kernels = None
-if cpu_kernels is not None and not set(SCHEMAS) <= set(getattr(cpu_kernels, 'REGISTERED', ())):
+if cpu_kernels is not None and set(getattr(cpu_kernels, 'REGISTERED', ())) != set(SCHEMAS):
     warnings.warn('MABN: mmdet_bnplug.ops._mabn_cpu is a stale build that registers none '
                   'of the ops; rebuild it: pip install --no-build-isolation -e <checkout>')
     cpu_kernels = None

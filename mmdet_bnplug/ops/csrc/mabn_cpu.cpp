@@ -8,16 +8,13 @@
 // buffer_x2; mabn_train_backward: buffer_gz), bumping their version counters; a step
 // whose statistics are not finite writes none of them (the non-finite guard, mabn.py).
 //
-// The arithmetic is that of the ops' PyTorch implementation, and so are the passes over
-// memory but one: ATen's vectorised kernels for the elementwise work and the fused
-// reductions, plain loops for the per-channel statistics; the backward's dx = a * dy +
-// k * x is one pass (channel_combine_cpu.cpp, ATen's two where that kernel does not
-// serve). What this saves is chiefly the Python dispatch of ~20 small per-channel tensor
-// ops per step, which dominates on small feature maps (FPN P6/P7).
+// The arithmetic and the passes over memory are those of the ops' PyTorch
+// implementation: ATen's vectorised kernels for the elementwise work and the fused
+// reductions, plain loops for the per-channel statistics. What this saves is the Python
+// dispatch of ~20 small per-channel tensor ops per step, which dominates on small feature
+// maps (FPN P6/P7).
 #include <torch/extension.h>
 #include <torch/library.h>
-
-#include "channel_combine.h"
 
 #include <algorithm>
 #include <array>
@@ -290,8 +287,9 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(
   if (written_gz) written(buffer_gz, buffer);
   Tensor dx = at::empty({0}, x.options());
   if (output_mask[0]) {
-    // one pass (channel_combine_cpu.cpp; ATen's two for other layouts and dtypes)
-    dx = mmdet_bnplug::channel_combine_cpu(dy, x, scale_of(coeffs, w), k, consts.zeros);
+    Tensor scale = scale_of(coeffs, w);
+    if (scale.scalar_type() != x.scalar_type()) scale = scale.to(x.scalar_type());
+    dx = affine(x, k, std::nullopt, consts).addcmul_(dy, channel_view(scale, x.dim()));
   }
   if (!output_mask[2]) db = at::empty({0}, dw.options());
   return {dx, dw, db};
@@ -398,14 +396,10 @@ TORCH_LIBRARY_IMPL(mmdet_bnplug, AutogradCPU, m) {
   m.impl("mabn_train_affine", TORCH_FN(train_affine_autograd));
 }
 
-// Importing the module registers the kernels above and channel_combine_cpu.cpp's
-// (ops/mabn.py and ops/channel_combine.py import it).
+// Importing the module registers the kernels above (ops/mabn.py imports it).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CPU kernels of MABN's training-step ops (mmdet_bnplug/ops/csrc/mabn_cpu.cpp) "
-            "and of channel_combine (csrc/channel_combine_cpu.cpp)";
-  // what importing registered: ops/mabn.py and ops/channel_combine.py tell this build
-  // from an older one
+  m.doc() = "CPU kernels of MABN's training-step ops (mmdet_bnplug/ops/csrc/mabn_cpu.cpp)";
+  // what importing registered: ops/mabn.py tells this build from an older one
   m.attr("REGISTERED") = pybind11::make_tuple("mabn_train", "mabn_train_stats",
-                                              "mabn_train_affine", "mabn_train_backward",
-                                              "channel_combine");
+                                              "mabn_train_affine", "mabn_train_backward");
 }
