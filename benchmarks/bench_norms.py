@@ -357,9 +357,6 @@ def measure_shape(shape, names, repeats, target_s, memory_format, compiled=False
     dy = torch.randn(shape).contiguous(memory_format=memory_format)
     layers = {n: CANDIDATES[n].factory(shape[1]).train() for n in names}
     compiled_names = [n for n in names if compiled and n in COMPILED]
-    # a layer's integer attributes (num_features, ...) are specialised: one compilation per
-    # channel count, 9 over the 15 shapes, above dynamo's default limit of 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     timed = dict(layers, **{
         f'{n} compiled': torch.compile(CANDIDATES[n].factory(shape[1]).train(),
                                        fullgraph=True, dynamic=True)
@@ -532,6 +529,10 @@ def main():
     max_numel = args.max_numel or (QUICK['max_numel'] if args.quick else None)
     target_s = QUICK['target_s'] if args.quick else 0.05
     torch.set_num_threads(args.threads)
+    if args.compiled:
+        # a layer's integer attributes (num_features, ...) are specialised: one compilation
+        # per channel count, 9 over the 15 shapes, above dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     wanted = set(args.only or CANDIDATES)
     wanted |= {ref for n in wanted for ref in CANDIDATES[n].held_to}
     names = [n for i, n in enumerate(CANDIDATES) if i == 0 or n in wanted]

@@ -152,7 +152,8 @@ def check_checkpoint_path(path, option):
     if not path or '://' in path or osp.isfile(path):
         return
     latest = _latest_checkpoint(osp.dirname(path) or '.')
-    found = sorted(glob.glob(osp.join('work_dirs', '**', osp.basename(path)), recursive=True))
+    found = [] if latest else sorted(
+        glob.glob(osp.join('work_dirs', '**', osp.basename(path)), recursive=True))
     if latest:
         hint = (f'; the latest checkpoint of that run is {latest}: pass '
                 f'--cfg-options {option}={latest}')
