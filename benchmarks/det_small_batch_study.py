@@ -31,8 +31,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from benchmarks.bench_utils import pyplot, save_figure, write_text
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY = osp.join(ROOT, 'configs', 'toy')
@@ -282,12 +283,7 @@ def read_metrics(log_path):
 
 
 def write_json(path, data):
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(osp.abspath(path)), suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(data, f, indent=1)
-        f.write('\n')
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1) + '\n')
 
 
 def load_json(path):
@@ -507,20 +503,14 @@ def write_report(args, records):
                 rel = mm / rm if rm > 0 else float('nan')
                 lines.append(f'MABN at 2 / BN at 8: {rel:.2f} (goal: >= 0.90).')
             lines.append('')
-    os.makedirs(osp.dirname(osp.abspath(args.out_md)), exist_ok=True)
-    with open(args.out_md + '.tmp', 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    os.replace(args.out_md + '.tmp', args.out_md)
+    write_text(args.out_md, '\n'.join(lines) + '\n')
     plot(args, records)
 
 
 def plot(args, records):
     if not records:
         return
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    os.makedirs(args.img_dir, exist_ok=True)
+    plt = pyplot()
     prefix = 'det_small_batch_study' + ('_tiny' if args.tiny else '')
     groups = [(k, recs) for k, recs in _group(records)]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(groups)), 3.6))
@@ -531,9 +521,10 @@ def plot(args, records):
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f'{k[2]}\n{k[0]}' for k, _ in groups], fontsize=8)
     ax.set_ylabel('bbox mAP (val)')
-    ax.set_title('Toy RetinaNet R18-FPN from scratch: bar = mean, dots = seeds', fontsize=9)
+    ax.set_title('Toy RetinaNet R18-FPN, from scratch (evalbn2: fine-tuned from bn8): '
+                 'bar = mean, dots = seeds', fontsize=9)
     fig.tight_layout()
-    fig.savefig(osp.join(args.img_dir, prefix + '_map.png'), dpi=110)
+    save_figure(fig, osp.join(args.img_dir, prefix + '_map.png'))
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for (recipe, ref_iters, key), recs in groups:
@@ -553,7 +544,7 @@ def plot(args, records):
         a.set_xlabel('training images seen')
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(osp.join(args.img_dir, prefix + '_curves.png'), dpi=110)
+    save_figure(fig, osp.join(args.img_dir, prefix + '_curves.png'))
     plt.close(fig)
 
 
@@ -586,12 +577,8 @@ def write_diag_report(args, records):
             f"{r['bbox_mAP']:.3f} | {r['bbox_mAP_50']:.3f} | {r['max_grad_norm'] or 0:.1f} | "
             f"{med(c.get('grad_norm', []))} | {med_max(c.get('stale_fwd', []))} | "
             f"{med_max(c.get('stale_bwd', []))} | {r['final_loss'] or 0:.3f} |")
-    with open(md + '.tmp', 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    os.replace(md + '.tmp', md)
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    write_text(md, '\n'.join(lines) + '\n')
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for r in records:
         c = r.get('curve', {})
@@ -612,8 +599,7 @@ def write_diag_report(args, records):
         a.set_xlabel('iteration (2 images)')
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(args.img_dir, exist_ok=True)
-    fig.savefig(osp.join(args.img_dir, 'det_small_batch_study_diagnosis.png'), dpi=110)
+    save_figure(fig, osp.join(args.img_dir, 'det_small_batch_study_diagnosis.png'))
     plt.close(fig)
 
 

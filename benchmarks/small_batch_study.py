@@ -28,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.bench_utils import write_text
 from benchmarks.study import report
 from benchmarks.study.runs import METHODS, METHODS_BY_KEY, StudyConfig, run_single, run_synced
 
@@ -141,15 +142,14 @@ def main(argv=None):
               f'{record["seed"]}: acc {100 * record["acc"]:.1f}%'
               f'{" DIVERGED" if record["diverged"] else ""}, {record["seconds"]:.0f} s',
               flush=True)
-        with open(json_path, 'w') as f:  # partial results survive an interruption
-            json.dump(dict(meta=meta, records=records), f, indent=1)
+        # partial results survive an interruption
+        write_text(json_path, json.dumps(dict(meta=meta, records=records), indent=1))
 
     methods = [METHODS_BY_KEY[k] for k in args.methods]
     run_study(config, methods, seeds, args.jobs, on_record)
     meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0],
                 runs=len(records))
-    with open(json_path, 'w') as f:
-        json.dump(dict(meta=meta, records=records), f, indent=1)
+    write_text(json_path, json.dumps(dict(meta=meta, records=records), indent=1))
 
     rows = report.summarise(records, config.batch)
     plots = {'accuracy vs normalisation batch':
@@ -158,8 +158,7 @@ def main(argv=None):
              os.path.join(args.out_dir, 'small_batch_study_training.png')}
     report.plot_accuracy(rows, config.batch, plots['accuracy vs normalisation batch'])
     report.plot_training(records, config.log_every, plots['training loss and gradient norm'])
-    with open(args.out_md, 'w') as f:
-        f.write(report.markdown(rows, meta, plots, args.out_md) + '\n')
+    write_text(args.out_md, report.markdown(rows, meta, plots, args.out_md) + '\n')
     print(f'wrote {args.out_md}, {json_path}, {", ".join(plots.values())} '
           f'in {meta["wall_seconds"] / 60:.1f} min')
 

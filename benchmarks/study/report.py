@@ -3,6 +3,8 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
+from benchmarks.bench_utils import pyplot, save_figure
+
 from .runs import METHODS, Method
 
 SCRATCH_COLOURS = {'BN': 'tab:blue', 'MABN': 'tab:red', 'GN': 'tab:green',
@@ -133,10 +135,7 @@ def _by_family(rows, phase, colours):
 def plot_accuracy(rows: List[dict], batch: int, path: str) -> None:
     """Accuracy vs normalisation batch, from scratch (left) and fine-tuned (right);
     error bars one std over seeds; batch-independent methods as horizontal bands."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     panels = ((axes[0], 'scratch', SCRATCH_COLOURS, 'from scratch'),
               (axes[1], 'finetune', FINETUNE_COLOURS, 'fine-tuned from BN pre-training'))
@@ -166,17 +165,14 @@ def plot_accuracy(rows: List[dict], batch: int, path: str) -> None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel('test accuracy (%)')
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def plot_training(records: List[dict], log_every: int, path: str) -> None:
     """Training loss (mean over seeds) and the largest gradient norm per window (max
     over seeds) of the from-scratch runs."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in METHODS:
         mine = [r for r in records if r['key'] == method.key and r['phase'] == 'scratch']
@@ -199,5 +195,5 @@ def plot_training(records: List[dict], log_every: int, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
