@@ -53,6 +53,10 @@ ROWS = {
     'mabn2_all': dict(norm='MABN', where='backbone+neck+head', images_per_gpu=2,
                       processes=1, config='retinanet_r18_fpn_mabn_2img_all_toy.py',
                       label='ConvWC + MABN in backbone, FPN and head, 2 images'),
+    'mabn2_late': dict(norm='MABN', where='backbone', images_per_gpu=2, processes=1,
+                       config='retinanet_r18_fpn_mabn_2img_toy.py', warmup_scale=4,
+                       label='ConvWC + MABN, 2 images, moving averages from 4x the lr '
+                             'warm-up'),
     'gn2': dict(norm='GN', where='backbone', images_per_gpu=2, processes=1,
                 config='retinanet_r18_fpn_bn_toy.py',
                 norm_cfg=dict(type='GN', num_groups=32, requires_grad=True),
@@ -198,10 +202,12 @@ def run_config_text(args, row, seed, sched, load_from=None, diag=None):
 def mabn_text(row, sched, diag=None):
     """MABN recipe for detection at 2 images per GPU (docs/det_small_batch_study.md):
     buffer_size = 32 / images per GPU (paper's rule), warmup_iters = the lr warm-up,
-    renorm_iters = 20% of the schedule; in the head (one layer called once per FPN
-    level, 4 levels) counters and buffers are 4x as long in layer steps."""
+    renorm_iters = 20% of the schedule (a row's or ablation's ``warmup_scale``: warmup_iters
+    that many times the lr warm-up, renorm_iters at least as long); in the head (one
+    layer called once per FPN level, 4 levels) counters and buffers are 4x as long in
+    layer steps."""
     diag = dict(diag or {})
-    warmup_scale = diag.pop('warmup_scale', 1)
+    warmup_scale = diag.pop('warmup_scale', row.get('warmup_scale', 1))
     convwc = diag.pop('convwc', True)
     diag.pop('label', None)
     buffer_size = max(1, 32 // row['images_per_gpu'])
