@@ -1,9 +1,14 @@
-"""Shared test helpers: random BN states and stand-ins for the MABN/ConvWC protocols."""
+"""Shared test helpers: random BN states, stand-ins for the MABN/ConvWC protocols, the
+CUDA-only SyncBN kernel PortableSyncBN calls, emulated on the CPU."""
+from contextlib import contextmanager
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmdet_bnplug.layers import portable_sync_bn
 from mmdet_bnplug.utils.bn_like import bn_like_layers
 
 
@@ -67,3 +72,36 @@ class StandInConvWC(nn.Conv2d):
     def forward(self, x):
         return F.conv2d(x, self.centred_weight, self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
+
+
+def _backward_elemt_reference(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    """What torch's CUDA ``batch_norm_backward_elemt`` computes (its SyncBN's input
+    gradient), in float64: ``count`` holds int32 per-rank counts, summed."""
+    assert count.dtype == torch.int32, count.dtype
+    n = count.double().sum()
+    view = (1, -1) + (1, ) * (x.dim() - 2)
+    mu, inv = mean.double().view(view), invstd.double().view(view)
+    w = 1.0 if weight is None else weight.double().view(view)
+    dx = (dy.double() - sum_dy.double().view(view) / n
+          - (x.double() - mu) * inv**2 * sum_dy_xmu.double().view(view) / n) * inv * w
+    return dx.to(dy.dtype)
+
+
+@contextmanager
+def emulated_cuda_kernels():
+    """PortableSyncBN's CUDA branch run on the CPU: ``_fused_grad_input`` forced on,
+    ``aten::batch_norm_backward_elemt`` given a CPU kernel (the float64 reference above).
+    Yields the list of the kernel's calls."""
+    calls = []
+
+    def kernel(*args):
+        calls.append(args)
+        return _backward_elemt_reference(*args)
+
+    lib = torch.library.Library('aten', 'IMPL')
+    lib.impl('batch_norm_backward_elemt', kernel, 'CPU')
+    try:
+        with mock.patch.object(portable_sync_bn, '_fused_grad_input', lambda x: True):
+            yield calls
+    finally:
+        lib._destroy()

@@ -74,6 +74,12 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _bn_backward = torch.ops.aten.native_batch_norm_backward
 
 
+def _fused_grad_input(x):
+    """Whether ``dx`` is torch's one-pass SyncBN kernel (``batch_norm_backward_elemt``,
+    CUDA and ROCm only, eager) rather than the two-pass combination of any device."""
+    return x.device.type == 'cuda' and not torch.compiler.is_compiling()
+
+
 def _local_moments(x, sd):
     """This rank's per-channel ``(mean, M2)`` (M2 = sum of squared deviations) in ``sd``.
 
@@ -121,6 +127,15 @@ def global_batch_stats(x, group):
     return mean, m2 / safe, total
 
 
+def _memory_format(x):
+    """``x``'s memory format if channels-last (2D or 3D), else contiguous."""
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        if x.dim() == (4 if fmt is torch.channels_last else 5) and x.is_contiguous(
+                memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 class _GlobalBatchNorm(torch.autograd.Function):
     """``y = (x - mean) * invstd * w + b`` with given global statistics; the backward
     gives BN's input gradient on the group's concatenated batch (one all_reduce) and this
@@ -128,12 +143,15 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
     BN's cost: the output is one pass of BN's eval kernel; the backward is one fused
     reduction pass (``sum(dy)``, ``sum(dy * xhat)``, BN's backward kernel), then
-    ``dx = A * dy + B * (x - mean) + C`` per channel (two passes), without ``xhat`` or any
-    other full-size temporary. Saves only ``x`` (and per-channel vectors)."""
+    ``dx = A * dy + B * (x - mean) + C`` per channel (two passes; on CUDA one, torch's
+    SyncBN kernel), without ``xhat`` or any other full-size temporary. Saves only ``x``
+    (and per-channel vectors)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, invstd, count, group, eps):
         sd = mean.dtype
+        if _fused_grad_input(x):  # that kernel reads x and dy in one memory format
+            x = x.contiguous(memory_format=_memory_format(x))
         ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.group = group
         if x.numel() == 0:  # BN's kernels refuse empty input; this rank still takes part
@@ -159,16 +177,23 @@ class _GlobalBatchNorm(torch.autograd.Function):
             if ctx.group is not None:
                 _collective(dist.all_reduce, 'all_reduce of gradient statistics', sums,
                             group=ctx.group)
-            mean_dy, mean_dy_xhat = (sums / count.clamp_min(1)).chunk(2)
-            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-            #    = a * dy + b * (x - mean) + c
-            a = invstd if weight is None else invstd * cast(weight, sd)
-            b, c = -a * invstd * mean_dy_xhat, -a * mean_dy
             if x.numel() == 0:
                 grad_x = torch.empty_like(x)
+            elif _fused_grad_input(x):
+                # the group's sum(dy) and sum(dy * (x - mean)); counts as int32, summed
+                group_dy, group_dy_xhat = sums.chunk(2)
+                grad_x = torch.batch_norm_backward_elemt(
+                    dy.contiguous(memory_format=_memory_format(x)), x, mean, invstd,
+                    cast(weight, sd), group_dy, group_dy_xhat / invstd,
+                    count.to(torch.int32).view(1))
             else:
-                grad_x = torch.batch_norm(x, b, c, mean, torch.ones_like(mean), False, 0.0,
-                                          0.0, torch.backends.cudnn.enabled)
+                mean_dy, mean_dy_xhat = (sums / count.clamp_min(1)).chunk(2)
+                # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+                #    = a * dy + b * (x - mean) + c
+                a = invstd if weight is None else invstd * cast(weight, sd)
+                b, c = -a * invstd * mean_dy_xhat, -a * mean_dy
+                grad_x = torch.batch_norm(x, b, c, mean, torch.ones_like(mean), False,
+                                          0.0, 0.0, torch.backends.cudnn.enabled)
                 grad_x.addcmul_(dy, channel_view(cast(a, grad_x.dtype), x.dim()))
         if ctx.needs_input_grad[1]:
             grad_w = cast(sum_dy_xhat, weight.dtype)

@@ -13,6 +13,7 @@ from mmdet_bnplug.layers.portable_sync_bn import (
     _GlobalBatchNorm,
     global_batch_stats,
 )
+from norm_helpers import emulated_cuda_kernels
 
 C = 4
 
@@ -177,3 +178,52 @@ def test_global_path_float32_with_large_mean_is_as_precise_as_bn(channels_last):
         err, bn_err = ((got - ref).abs().max().item() / scale,
                        (bn32 - ref).abs().max().item() / scale)
         assert err <= 2 * bn_err + 1e-6, (name, err, bn_err)
+
+
+
+@pytest.fixture
+def emulated_cuda_grad_input():
+    with emulated_cuda_kernels() as calls:
+        yield calls
+
+
+@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
+def test_cuda_grad_input_branch_passes_the_kernel_what_it_expects(emulated_cuda_grad_input,
+                                                                  affine, channels_last):
+    """The CUDA backward's arguments (global sums, sum(dy * (x - mean)), int32 count)
+    give BN's gradients through the kernel's documented formula, in float64."""
+    x = torch.randn(5, C, 3, 4, dtype=torch.float64) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    psbn, bn = affine_pair()
+    w, b = (psbn.weight, psbn.bias) if affine else (None, None)
+    if not affine:
+        bn = nn.BatchNorm2d(C, affine=False).double()
+    dy = torch.randn_like(x)
+    y, y2 = global_bn(x, w, b), bn(x2)
+    y.backward(dy), y2.backward(dy)
+    assert len(emulated_cuda_grad_input) == 1
+    torch.testing.assert_close(y, y2, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-12, rtol=1e-12)
+    if affine:
+        torch.testing.assert_close(psbn.weight.grad, bn.weight.grad)
+        torch.testing.assert_close(psbn.bias.grad, bn.bias.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_cuda_global_path_equals_bn(dtype):
+    """On CUDA, the backward's one-pass kernel: BN's output and gradients."""
+    psbn, bn = (m.cuda() for m in affine_pair(torch.float32))
+    x = (torch.randn(4, C, 8, 8, device='cuda') * 2 + 3).to(dtype).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    y, y2 = global_bn(x, psbn.weight, psbn.bias), bn(x2)  # fp16 input, fp32 affine
+    y.backward(dy), y2.backward(dy)
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float16 else {}
+    torch.testing.assert_close(y, y2, **tol)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    torch.testing.assert_close(psbn.weight.grad, bn.weight.grad, **tol)

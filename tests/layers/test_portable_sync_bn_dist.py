@@ -13,12 +13,14 @@ from torch import nn
 
 from dist_utils import CollectiveCounter, run_distributed
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN, _process_group
+from norm_helpers import emulated_cuda_kernels
 
 C, SPATIAL, MOMENTUM, STEPS = 3, (4, 5), 0.3, 2
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 # per-rank batch sizes on 2 ranks: equal, unequal, rank 0 empty
 SPLITS = {'equal': (2, 2), 'unequal': (3, 1), 'one_empty': (0, 3)}
 SYNC_CASES = [(split, dtype) for split in SPLITS for dtype in (torch.float64, torch.float32)]
+EMULATED_SPLITS = ('unequal', 'one_empty')
 LOCAL_SIZES = (2, 3)  # group_size=1
 GROUP_SIZES = (2, 1, 0, 3)  # 4 ranks
 
@@ -68,6 +70,12 @@ def two_rank_worker(rank, world_size):
         for split, dtype in SYNC_CASES:
             layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM).to(dtype))
             res[split, dtype] = run_steps(layer, SPLITS[split], dtype, rank, counter)
+        with emulated_cuda_kernels() as calls:  # the CUDA branch of the backward
+            for split in EMULATED_SPLITS:
+                layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM).double())
+                res['emulated_cuda', split] = run_steps(layer, SPLITS[split], torch.float64,
+                                                        rank, counter)
+            res['emulated_cuda_calls'] = len(calls)
         layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM, group_size=1).double())
         res['local'] = run_steps(layer, LOCAL_SIZES, torch.float64, rank, counter)
         layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM))
@@ -150,6 +158,17 @@ def test_matches_bn_on_concatenated_batch(two_ranks, split, dtype):
     assert_matches_bn(results, SPLITS[split], dtype)
     for res in results:  # one collective per forward and per backward, empty rank too
         assert [(s['fwd'], s['bwd']) for s in res['steps']] == [(1, 1)] * STEPS
+
+
+@pytest.mark.parametrize('split', EMULATED_SPLITS)
+def test_cuda_grad_input_branch_matches_bn_on_concatenated_batch(two_ranks, split):
+    """The CUDA backward (torch's one-pass SyncBN kernel, emulated on the CPU by its
+    formula in float64) gets the group's sums and count: BN's gradients."""
+    assert_matches_bn([res['emulated_cuda', split] for res in two_ranks], SPLITS[split],
+                      torch.float64)
+    # called at every step of every non-empty rank
+    assert [res['emulated_cuda_calls'] for res in two_ranks] == [
+        STEPS * sum(SPLITS[s][r] > 0 for s in EMULATED_SPLITS) for r in range(2)]
 
 
 def test_group_size_one_is_local_bn(two_ranks):
