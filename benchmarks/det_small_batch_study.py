@@ -53,6 +53,9 @@ ROWS = {
     'mabn2_all': dict(norm='MABN', where='backbone+neck+head', images_per_gpu=2,
                       processes=1, config='retinanet_r18_fpn_mabn_2img_all_toy.py',
                       label='ConvWC + MABN in backbone, FPN and head, 2 images'),
+    'mabn2_neck': dict(norm='MABN', where='backbone+neck', images_per_gpu=2, processes=1,
+                       config='retinanet_r18_fpn_mabn_2img_toy.py',
+                       label='ConvWC + MABN in backbone and FPN, 2 images'),
     'mabn2_late': dict(norm='MABN', where='backbone', images_per_gpu=2, processes=1,
                        config='retinanet_r18_fpn_mabn_2img_toy.py', warmup_scale=4,
                        label='ConvWC + MABN, 2 images, moving averages from 4x the lr '
@@ -226,9 +229,10 @@ def mabn_text(row, sched, diag=None):
     conv = "dict(type='ConvWC')" if convwc else 'None'
     text = f"model = dict(backbone=dict(conv_cfg={conv}, norm_cfg={norm()!r}, " \
            f"norm_eval=False)"
-    if row['where'] == 'backbone+neck+head':
-        text += (f",\n    neck=dict(conv_cfg={conv}, norm_cfg={norm()!r}),\n"
-                 f"    bbox_head=dict(conv_cfg={conv}, norm_cfg={norm(4)!r})")
+    if 'neck' in row['where']:
+        text += f",\n    neck=dict(conv_cfg={conv}, norm_cfg={norm()!r})"
+    if 'head' in row['where']:
+        text += f",\n    bbox_head=dict(conv_cfg={conv}, norm_cfg={norm(4)!r})"
     return text + ")\n"
 
 
