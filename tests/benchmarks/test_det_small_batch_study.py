@@ -47,3 +47,65 @@ def test_tiny_study_writes_records_table_and_plots(tmp_path):
     _, stdout = _run(tmp_path)
     assert 'recorded, skipped' in stdout
     assert len(json.loads((out / 'r.json').read_text())) == 1
+
+
+def _mabn_args(row_key, ref_iters=600):
+    """MABN settings the study writes into a row's run config, parsed back."""
+    from benchmarks import det_small_batch_study as study
+    args = study.parse_args(['--ref-iters', str(ref_iters)])
+    row = study.ROWS[row_key]
+    sched = study.schedule(args, row['images_per_gpu'], row['processes'])
+    from mmengine.config import Config
+    cfg = Config.fromstring(study.mabn_text(row, sched), '.py')
+    return sched, cfg.model.to_dict()
+
+
+def test_mabn_recipes_of_the_rows():
+    sched, model = _mabn_args('mabn2')
+    assert (sched['iters'], sched['warmup']) == (2400, 400)
+    norm = model['backbone']['norm_cfg']
+    assert (norm['buffer_size'], norm['warmup_iters'], norm['renorm_iters']) == (16, 400, 480)
+    assert 'neck' not in model and 'bbox_head' not in model
+    # the late start: 4x the learning-rate warm-up, renorm at least as late
+    norm = _mabn_args('mabn2_late')[1]['backbone']['norm_cfg']
+    assert (norm['warmup_iters'], norm['renorm_iters']) == (1600, 1600)
+    # batch statistics throughout: the warm-up outlasts the schedule
+    norm = _mabn_args('mabn2_batch')[1]['backbone']['norm_cfg']
+    assert norm['warmup_iters'] == 2401 and norm['warmup_iters'] > sched['iters']
+    # the shared head counts 4 layer steps per iteration (one per FPN level)
+    model = _mabn_args('mabn2_all_late')[1]
+    head = model['bbox_head']['norm_cfg']
+    assert model['neck']['norm_cfg']['warmup_iters'] == 1600
+    assert (head['buffer_size'], head['warmup_iters']) == (64, 6400)
+
+
+def test_goal_lines_compare_every_mabn_row_with_bn():
+    from benchmarks.det_small_batch_study import goal_lines
+    summary = {'bn8': (0.44, 0.03, 0.40, 0.46, 3), 'bn2': (0.37, 0.02, 0.36, 0.40, 3),
+               'mabn2': (0.37, 0.05, 0.32, 0.43, 3), 'mabn2_late': (0.50, 0.02, 0.48, 0.51, 2),
+               'gn2': (0.60, 0.01, 0.60, 0.61, 2)}
+    lines = goal_lines(summary)
+    assert len(lines) == 2  # the two MABN rows, not GN
+    assert lines[0].startswith('mabn2 minus bn2: +0.000') and 'overlap' in lines[0]
+    assert 'every MABN seed above every BN seed' in lines[1]
+    assert 'mabn2_late / bn8: 1.14' in lines[1]
+    assert goal_lines({'mabn2': summary['mabn2']}) == []  # nothing to compare with
+
+
+def test_toy_mabn_configs_are_the_winning_rows():
+    """configs/toy's MABN-at-2 configs reproduce the study's mabn2_late and
+    mabn2_all_late runs (norms, schedule, learning rate) with tools/train.py alone."""
+    from mmengine.config import Config
+    for config, row in (('retinanet_r18_fpn_mabn_2img_toy.py', 'mabn2_late'),
+                        ('retinanet_r18_fpn_mabn_2img_all_toy.py', 'mabn2_all_late')):
+        cfg = Config.fromfile(osp.join(REPO, 'configs', 'toy', config))
+        sched, model = _mabn_args(row)
+        for part in ('backbone', 'neck', 'bbox_head'):
+            got = cfg.model[part].get('norm_cfg')
+            assert (got and got.to_dict()) == model.get(part, {}).get('norm_cfg'), \
+                (config, part)
+        assert cfg.train_cfg.max_iters == sched['iters']
+        assert cfg.train_dataloader.batch_size == 2
+        assert cfg.optim_wrapper.optimizer.lr == sched['lr']
+        warmup, steps = cfg.param_scheduler
+        assert warmup.end == sched['warmup'] and steps.milestones == sched['milestones']
