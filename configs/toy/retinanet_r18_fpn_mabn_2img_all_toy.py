@@ -4,10 +4,13 @@
 # head MABN layer advances its counter and ring buffers 4 times per iteration: its
 # buffer_size, warmup_iters and renorm_iters are 4x those of the backbone to cover the
 # same iterations (its statistics then also mix the four levels, as GN's would not).
+# Study rows `mabn2_all_late` (this recipe) and `mabn2_all` (averages from iteration 400).
 _base_ = './retinanet_r18_fpn_mabn_2img_toy.py'
 
-head_norm_cfg = dict(type='MABN', requires_grad=True, buffer_size=64, warmup_iters=1600,
-                     renorm_iters=4800, r_max=5.0, momentum=0.02)
+levels = 4
+head_norm_cfg = dict(type='MABN', requires_grad=True, buffer_size=levels * 16,
+                     warmup_iters=levels * 1600, renorm_iters=levels * 1600, r_max=5.0,
+                     momentum=0.02)
 model = dict(
     neck=dict(conv_cfg=dict(type='ConvWC'), norm_cfg={{_base_.norm_cfg}}),
     bbox_head=dict(conv_cfg=dict(type='ConvWC'), norm_cfg=head_norm_cfg))
