@@ -47,6 +47,13 @@ ROWS = {
                 config='retinanet_r18_fpn_bn_toy.py', label='BN, 8 images (reference)'),
     'bn2': dict(norm='BN', where='backbone', images_per_gpu=2, processes=1,
                 config='retinanet_r18_fpn_bn_toy.py', label='BN, 2 images'),
+    'bn2_m002': dict(norm='BN', where='backbone', images_per_gpu=2, processes=1,
+                     config='retinanet_r18_fpn_bn_toy.py',
+                     norm_cfg=dict(type='BN', momentum=0.02, requires_grad=True),
+                     label="BN, 2 images, running statistics at MABN's momentum 0.02"),
+    'bn2_convwc': dict(norm='BN', where='backbone', images_per_gpu=2, processes=1,
+                       config='retinanet_r18_fpn_bn_toy.py', conv_cfg=dict(type='ConvWC'),
+                       label='ConvWC + BN, 2 images'),
     'mabn2': dict(norm='MABN', where='backbone', images_per_gpu=2, processes=1,
                   config='retinanet_r18_fpn_mabn_2img_toy.py',
                   label='ConvWC + MABN, 2 images'),
@@ -60,6 +67,11 @@ ROWS = {
                        config='retinanet_r18_fpn_mabn_2img_toy.py', warmup_scale=4,
                        label='ConvWC + MABN, 2 images, moving averages from 4x the lr '
                              'warm-up'),
+    'mabn2_neck_late': dict(norm='MABN', where='backbone+neck', images_per_gpu=2,
+                            processes=1, config='retinanet_r18_fpn_mabn_2img_toy.py',
+                            warmup_scale=4,
+                            label='ConvWC + MABN in backbone and FPN, 2 images, moving '
+                                  'averages from 4x the lr warm-up'),
     'mabn2_all_late': dict(norm='MABN', where='backbone+neck+head', images_per_gpu=2,
                            processes=1, config='retinanet_r18_fpn_mabn_2img_all_toy.py',
                            warmup_scale=4,
@@ -80,7 +92,7 @@ ROWS = {
                     config='retinanet_r18_fpn_evalbn_toy.py', finetune_from='bn8',
                     label='EvalBN, fine-tuned at 2 from BN at 8'),
 }
-DEFAULT_SEEDS = {'bn8': 3, 'bn2': 3, 'mabn2': 3}  # others: 2
+DEFAULT_SEEDS = {'bn8': 3, 'bn2': 3, 'mabn2': 3, 'mabn2_late': 3}  # others: 2
 # the MABN ablations (--diagnose): MABNDiag switches, ConvWC or not, warm-up length
 DIAG_ROWS = {
     'full': dict(label='MABN as the spec (all parts)'),
@@ -101,7 +113,8 @@ def parse_args(argv=None):
     p.add_argument('--only', nargs='+', metavar='ROW', help=f'rows to run: {list(ROWS)} '
                    f'(with --diagnose: {list(DIAG_ROWS)})')
     p.add_argument('--seeds', nargs='+', type=int,
-                   help='seeds (default: 0 1 2 for bn8, bn2, mabn2; 0 1 for the rest)')
+                   help='seeds (default: 0 1 2 for bn8, bn2, mabn2, mabn2_late; 0 1 for the '
+                   'rest)')
     p.add_argument('--recipe', choices=['adamw', 'sgd'], default='adamw',
                    help='adamw: the toy recipe (lr 1e-3 at batch 8); sgd: momentum 0.9, '
                    'lr 0.02 at batch 8, weight decay 1e-4; both scaled linearly')
@@ -186,8 +199,9 @@ def run_config_text(args, row, seed, sched, load_from=None, diag=None):
     lines.append(data_text(args.data_root))
     lines.append(f"train_dataloader = dict(batch_size={row['images_per_gpu']}, "
                  f"dataset=dict(data_root={args.data_root.rstrip('/') + '/'!r}))\n")
-    if row.get('norm_cfg'):
-        lines.append(f"model = dict(backbone=dict(norm_cfg={row['norm_cfg']!r}))\n")
+    overrides = {k: row[k] for k in ('conv_cfg', 'norm_cfg') if k in row}
+    if overrides:
+        lines.append(f"model = dict(backbone={overrides!r})\n")
     if row['norm'] == 'MABN':
         lines.append(mabn_text(row, sched, diag))
     lines.append(f"max_iters = {iters}\n"

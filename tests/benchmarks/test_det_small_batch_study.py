@@ -109,3 +109,22 @@ def test_toy_mabn_configs_are_the_winning_rows():
         assert cfg.optim_wrapper.optimizer.lr == sched['lr']
         warmup, steps = cfg.param_scheduler
         assert warmup.end == sched['warmup'] and steps.milestones == sched['milestones']
+
+
+def test_rows_override_the_backbones_conv_and_norm():
+    from mmengine.config import Config
+
+    from benchmarks import det_small_batch_study as study
+    args = study.parse_args([])
+    for key, conv, norm in (('bn2_convwc', 'ConvWC', 'BN'), ('gn2', None, 'GN'),
+                            ('bn2_m002', None, 'BN'), ('bn2', None, 'BN')):
+        row = study.ROWS[key]
+        sched = study.schedule(args, row['images_per_gpu'], row['processes'])
+        cfg = Config.fromstring(study.run_config_text(args, row, 0, sched), '.py')
+        backbone = cfg.model.backbone
+        assert (backbone.get('conv_cfg') or {}).get('type') == conv, key
+        assert backbone.norm_cfg.type == norm, key
+    assert cfg.model.backbone.norm_cfg.get('momentum') is None  # bn2: BN's default
+    bn2_m002 = Config.fromstring(study.run_config_text(
+        args, study.ROWS['bn2_m002'], 0, sched), '.py')
+    assert bn2_m002.model.backbone.norm_cfg.momentum == 0.02
