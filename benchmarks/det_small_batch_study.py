@@ -565,7 +565,8 @@ def plot(args, records):
         ax.scatter([i] * len(vals), vals, color='tab:blue', s=18, zorder=3)
         ax.bar(i, statistics.fmean(vals), color='tab:blue', alpha=0.3)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f'{k[2]}\n{k[0]}' for k, _ in groups], fontsize=8)
+    ax.set_xticklabels([f'{k[2]} ({k[0]})' for k, _ in groups], fontsize=8, rotation=30,
+                       ha='right')
     ax.set_ylabel('bbox mAP (val)')
     ax.set_title('Toy RetinaNet R18-FPN, from scratch (evalbn2: fine-tuned from bn8): '
                  'bar = mean, dots = seeds', fontsize=9)

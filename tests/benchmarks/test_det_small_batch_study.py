@@ -92,8 +92,8 @@ def test_goal_lines_compare_every_mabn_row_with_bn():
     assert goal_lines({'mabn2': summary['mabn2']}) == []  # nothing to compare with
 
 
-def test_toy_mabn_configs_are_the_winning_rows():
-    """configs/toy's MABN-at-2 configs reproduce the study's mabn2_late and
+def test_toy_mabn_configs_are_the_study_rows():
+    """configs/toy's MABN-at-2 configs reproduce the study's mabn2_late (the recipe) and
     mabn2_all_late runs (norms, schedule, learning rate) with tools/train.py alone."""
     from mmengine.config import Config
     for config, row in (('retinanet_r18_fpn_mabn_2img_toy.py', 'mabn2_late'),
