@@ -574,16 +574,19 @@ def plot(args, records):
     save_figure(fig, osp.join(args.img_dir, prefix + '_map.png'))
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for (recipe, ref_iters, key), recs in groups:
+    colours = plt.get_cmap('tab20')  # one distinct colour per row (tab10 repeats)
+    for i, ((recipe, ref_iters, key), recs) in enumerate(groups):
         r = sorted(recs, key=lambda r: r['seed'])[0]
         c = r.get('curve') or {}
         if not c.get('iter'):
             continue
         batch = r['images_per_gpu'] * r['processes']
         x = [i * batch for i in c['iter']]
-        axes[0].plot(x, c['loss'], label=f"{key} ({recipe}, s{r['seed']})", lw=1)
+        colour = colours(i % colours.N)
+        axes[0].plot(x, c['loss'], label=f"{key} ({recipe}, s{r['seed']})", lw=1,
+                     color=colour)
         axes[1].plot(x, [g if g is not None else math.nan for g in c['grad_norm']],
-                     label=key, lw=1)
+                     label=key, lw=1, color=colour)
     axes[0].set_ylabel('training loss')
     axes[1].set_ylabel('grad norm (before clipping at 10)')
     axes[1].set_yscale('log')
