@@ -6,7 +6,7 @@
 # same iterations (its statistics then also mix the four levels, as GN's would not).
 # It is the study's row `mabn2_all_late` (`mabn2_all`: averages from iteration 400), and
 # it fails: training breaks when the head's moving averages start (0.037 bbox mAP against
-# 0.506 with MABN in the backbone only, 0.505 in backbone and FPN). Kept as the measured
+# 0.506 with MABN in the backbone only, 0.502 in backbone and FPN). Kept as the measured
 # counter-example to the paper's placement; use the backbone (+ FPN) config.
 _base_ = './retinanet_r18_fpn_mabn_2img_toy.py'
 
