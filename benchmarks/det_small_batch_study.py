@@ -581,7 +581,7 @@ def plot(args, records):
         if not c.get('iter'):
             continue
         batch = r['images_per_gpu'] * r['processes']
-        x = [i * batch for i in c['iter']]
+        x = [it * batch for it in c['iter']]
         colour = colours(i % colours.N)
         axes[0].plot(x, c['loss'], label=f"{key} ({recipe}, s{r['seed']})", lw=1,
                      color=colour)

@@ -111,20 +111,22 @@ def test_toy_mabn_configs_are_the_study_rows():
         assert warmup.end == sched['warmup'] and steps.milestones == sched['milestones']
 
 
-def test_rows_override_the_backbones_conv_and_norm():
+def _run_config(row_key):
+    """The run config the study writes for a row (seed 0), parsed."""
     from mmengine.config import Config
 
     from benchmarks import det_small_batch_study as study
     args = study.parse_args([])
+    row = study.ROWS[row_key]
+    sched = study.schedule(args, row['images_per_gpu'], row['processes'])
+    return Config.fromstring(study.run_config_text(args, row, 0, sched), '.py')
+
+
+def test_rows_override_the_backbones_conv_and_norm():
     for key, conv, norm in (('bn2_convwc', 'ConvWC', 'BN'), ('gn2', None, 'GN'),
                             ('bn2_m002', None, 'BN'), ('bn2', None, 'BN')):
-        row = study.ROWS[key]
-        sched = study.schedule(args, row['images_per_gpu'], row['processes'])
-        cfg = Config.fromstring(study.run_config_text(args, row, 0, sched), '.py')
-        backbone = cfg.model.backbone
+        backbone = _run_config(key).model.backbone
         assert (backbone.get('conv_cfg') or {}).get('type') == conv, key
         assert backbone.norm_cfg.type == norm, key
-    assert cfg.model.backbone.norm_cfg.get('momentum') is None  # bn2: BN's default
-    bn2_m002 = Config.fromstring(study.run_config_text(
-        args, study.ROWS['bn2_m002'], 0, sched), '.py')
-    assert bn2_m002.model.backbone.norm_cfg.momentum == 0.02
+    assert _run_config('bn2').model.backbone.norm_cfg.get('momentum') is None  # BN's default
+    assert _run_config('bn2_m002').model.backbone.norm_cfg.momentum == 0.02
