@@ -8,7 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch first (the CPU wheel), then mmcv 2.1.0 built from source with its CPU ops against it,
-# then this package with MABN's compiled CPU step (setup.py; torch needed at build time).
+# then this package with the compiled CPU kernels of MABN and PortableSyncBN (setup.py;
+# torch needed at build time).
 TORCH_SPEC ?= torch==2.13.0
 SETUPTOOLS_SPEC := setuptools>=77,<81
 MMCV_SPEC := mmcv==2.1.0
@@ -23,14 +24,14 @@ SYNTHETIC_DIR := data/synthetic
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py mmdet_bnplug/ops/csrc/mabn_cpu.cpp Makefile
+$(STAMP): pyproject.toml setup.py $(wildcard mmdet_bnplug/ops/csrc/*) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install '$(TORCH_SPEC)' '$(SETUPTOOLS_SPEC)' wheel ninja numpy
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \
 		MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$$(nproc) \
 		$(PIP) install --no-build-isolation '$(MMCV_SPEC)'
 	$(PIP) install --no-build-isolation -e '.[dev,mmseg]'
-	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.ops.mabn as m; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; MABN compiled CPU kernels (mmdet_bnplug.ops._mabn_cpu):', m.cpu_kernels is not None); assert m.cpu_kernels is not None, 'MABN CPU kernels not built'"
+	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.ops.mabn as m, mmdet_bnplug.layers.portable_sync_bn as s; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; compiled CPU kernels of MABN and PortableSyncBN:', m.cpu_kernels is not None, s.cpu_kernels is not None); assert m.cpu_kernels is not None and s.cpu_kernels is not None, 'CPU kernels not built'"
 	touch $(STAMP)
 
 # regenerated when the generator changes

@@ -1,5 +1,5 @@
 """Shared fixtures: paths of the repository, a tiny synthetic dataset, one thread,
-MABN's two training paths."""
+MABN's two training paths, PortableSyncBN's two CPU paths."""
 import os
 import os.path as osp
 import subprocess
@@ -36,6 +36,14 @@ def mabn_path(request):
         with mabn_ops.pytorch_on_cpu():
             yield request.param
     else:
+        yield request.param
+
+
+@pytest.fixture(params=['compiled', 'pytorch'])
+def sync_bn_cpu_path(request):
+    """Runs a test on each of PortableSyncBN's CPU implementations (norm_helpers)."""
+    from norm_helpers import sync_bn_path
+    with sync_bn_path(request.param):
         yield request.param
 
 

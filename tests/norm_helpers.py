@@ -1,5 +1,6 @@
 """Shared test helpers: random BN states, stand-ins for the MABN/ConvWC protocols, the
-CUDA-only SyncBN kernel PortableSyncBN calls, emulated on the CPU."""
+CUDA-only SyncBN kernel PortableSyncBN calls, emulated on the CPU, and PortableSyncBN's
+two CPU implementations."""
 from contextlib import contextmanager
 from unittest import mock
 
@@ -105,3 +106,23 @@ def emulated_cuda_kernels():
             yield calls
     finally:
         lib._destroy()
+
+
+# PortableSyncBN on the CPU: the compiled kernels (ops/csrc/sync_bn_cpu.cpp) and the
+# PyTorch implementation that every other device, torch.compile and builds without the
+# extension use
+SYNC_BN_PATHS = ('compiled', 'pytorch')
+
+
+@contextmanager
+def sync_bn_path(name):
+    """Runs PortableSyncBN's CPU ``name`` path inside (one of ``SYNC_BN_PATHS``)."""
+    assert portable_sync_bn.cpu_kernels is not None, \
+        "PortableSyncBN's compiled CPU kernels are not built "\
+        '(pip install --no-build-isolation -e .)'
+    if name == 'pytorch':
+        with mock.patch.object(portable_sync_bn, 'cpu_kernels', None):
+            yield
+    else:
+        assert name == 'compiled', name
+        yield

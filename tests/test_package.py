@@ -48,6 +48,13 @@ def test_mabn_compiled_cpu_step_is_built():
         'reinstall with: pip install --no-build-isolation -e .'
 
 
+def test_sync_bn_compiled_cpu_kernels_are_built():
+    """The install builds PortableSyncBN's compiled CPU kernels too (setup.py)."""
+    from mmdet_bnplug.layers import portable_sync_bn
+    assert portable_sync_bn.cpu_kernels is not None, \
+        'reinstall with: pip install --no-build-isolation -e .'
+
+
 def test_mabn_without_compiled_step_warns_once(monkeypatch):
     import torch
 

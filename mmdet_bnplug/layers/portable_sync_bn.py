@@ -8,6 +8,10 @@ squared deviations, combined exactly) and one in the backward (all_reduce of the
 gradient statistics); both are ordinary ``torch.distributed`` calls, so gloo on CPU and
 nccl on CUDA both work. Otherwise (eval mode, no process group, group of one rank) it is
 plain BN and communicates nothing.
+
+On CPU (eager) the per-call arithmetic is the compiled kernels of
+``ops/csrc/sync_bn_cpu.cpp`` (``cpu_kernels``); elsewhere, under torch.compile, or
+without the build, the PyTorch implementation here computes the same.
 """
 import torch
 import torch.distributed as dist
@@ -19,6 +23,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..utils.recompute import inside_backward
 from ._checks import check_bn_args
 from ._utils import cast, channel_view, reduce_dims, stat_dtype
+
+try:  # the compiled CPU kernels (setup.py builds them)
+    from ..ops import _sync_bn_cpu as cpu_kernels
+except ImportError:
+    cpu_kernels = None
 
 # group_size -> (default process group it was made under, this rank's subgroup)
 _SUBGROUPS = {}
@@ -102,29 +111,52 @@ def _local_moments(x, sd):
     return mean, var * n
 
 
-def global_batch_stats(x, group):
-    """Mean, biased variance ``(C,)`` and element count over the group's batch.
+def _kernels_apply(x):
+    """Whether this call uses the compiled CPU kernels (``ops/csrc/sync_bn_cpu.cpp``):
+    CPU input, eager, extension built; otherwise the PyTorch implementation here."""
+    return cpu_kernels is not None and x.device.type == 'cpu' and \
+        not torch.compiler.is_compiling()
 
-    Each rank contributes (count, mean, M2) in one all_gather; they are combined exactly
-    (Chan et al.), which keeps precision when the mean is large against the spread.
-    ``group=None``: this rank alone, no collective. The count is a 0-dim tensor (no
-    host-device sync); when the whole group's batch is empty, mean and variance are 0.
-    """
-    sd = stat_dtype(x.dtype)
-    channels = x.shape[1]
-    mean, m2 = _local_moments(x, sd)
-    local = torch.cat([mean.new_full((1, ), x.numel() // channels), mean, m2])
+
+def _local_row(x):
+    """This rank's ``(1, 2C + 1)`` row ``[count, mean, M2]`` in the statistics dtype."""
+    if _kernels_apply(x):
+        return cpu_kernels.local_stats(x.detach())
+    mean, m2 = _local_moments(x, stat_dtype(x.dtype))
+    return torch.cat([mean.new_full((1, ), x.numel() // x.shape[1]), mean, m2])[None]
+
+
+def _gather_rows(local, group):
+    """Every rank's row, ``(ranks, 2C + 1)``, in one all_gather (``group=None``: this
+    rank's)."""
     if group is None:
-        gathered = local[None]
-    else:
-        gathered = local.new_empty(dist.get_world_size(group), local.numel())
-        _all_gather(gathered, local[None], group)
+        return local
+    gathered = local.new_empty(dist.get_world_size(group), local.shape[1])
+    _all_gather(gathered, local, group)
+    return gathered
+
+
+def _combine(gathered):
+    """Mean, biased variance ``(C,)`` and element count (0-dim) of the rows' union,
+    combined exactly (Chan et al.): precise when the mean is large against the spread.
+    An empty union gives mean and variance 0."""
+    channels = (gathered.shape[1] - 1) // 2
     counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
     total = counts.sum()
     safe = total.clamp_min(1)
     mean = (counts * means).sum(0) / safe
     m2 = (m2s + counts * (means - mean)**2).sum(0)
     return mean, m2 / safe, total
+
+
+def global_batch_stats(x, group):
+    """Mean, biased variance ``(C,)`` and element count over the group's batch.
+
+    Each rank contributes (count, mean, M2) in one all_gather; they are combined exactly.
+    ``group=None``: this rank alone, no collective. The count is a 0-dim tensor (no
+    host-device sync); when the whole group's batch is empty, mean and variance are 0.
+    """
+    return _combine(_gather_rows(_local_row(x), group))
 
 
 def _memory_format(x):
@@ -143,8 +175,9 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
     BN's cost: the output is one pass of BN's eval kernel; the backward is one fused
     reduction pass (``sum(dy)``, ``sum(dy * xhat)``, BN's backward kernel), then
-    ``dx = A * dy + B * (x - mean) + C`` per channel (two passes; on CUDA one, torch's
-    SyncBN kernel), without ``xhat`` or any other full-size temporary. Saves only ``x``
+    ``dx = A * dy + B * (x - mean) + C`` per channel (one pass: on CPU the compiled
+    kernel, on CUDA torch's SyncBN kernel; two passes elsewhere and under torch.compile),
+    without ``xhat`` or any other full-size temporary. Saves only ``x``
     (and per-channel vectors)."""
 
     @staticmethod
@@ -186,6 +219,8 @@ class _GlobalBatchNorm(torch.autograd.Function):
                     dy.contiguous(memory_format=_memory_format(x)), x, mean, invstd,
                     cast(weight, sd), group_dy, group_dy_xhat / invstd,
                     count.to(torch.int32).view(1))
+            elif _kernels_apply(x):
+                grad_x = cpu_kernels.grad_input(dy, x, mean, invstd, weight, sums, count)
             else:
                 mean_dy, mean_dy_xhat = (sums / count.clamp_min(1)).chunk(2)
                 # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
@@ -304,19 +339,27 @@ class PortableSyncBN(_BatchNorm):
             if x.numel() == 0:
                 return self._empty_output(x)
             return self._local_forward(x)
-        mean, var, count = global_batch_stats(x, group)
-        # reading the count is free on the CPU; a compiled graph never reads it (an
-        # empty group batch then gives an empty output and no state change too)
-        if x.device.type == 'cpu' and not torch.compiler.is_compiling():
-            total = int(count)
-            if total == 0:
-                return self._empty_output(x)
-            if total == 1:
-                raise ValueError('PortableSyncBN: expected more than 1 value per channel '
-                                 'over the group in training, got input of shape '
-                                 f'{tuple(x.shape)} on this rank and 1 value in total')
-        if self._updates_statistics():
-            self._update_running_stats(mean, var, count)
-        invstd = torch.rsqrt(var + self.eps)
+        gathered = _gather_rows(_local_row(x), group)
+        total = None
+        if _kernels_apply(x):  # statistics and the running update in one call
+            running = ((self.running_mean, self.running_var, self.num_batches_tracked)
+                       if self._updates_statistics() else (None, ) * 3)
+            mean, var, invstd, count, total = cpu_kernels.combine(gathered, self.eps, *running,
+                                                                  self.momentum)
+        else:
+            mean, var, count = _combine(gathered)
+            # reading the count is free on the CPU; a compiled graph never reads it (an
+            # empty group batch then gives an empty output and no state change too)
+            if x.device.type == 'cpu' and not torch.compiler.is_compiling():
+                total = int(count)
+            if self._updates_statistics():  # no-op for a group batch of 0 or 1 values
+                self._update_running_stats(mean, var, count)
+            invstd = torch.rsqrt(var + self.eps)
+        if total == 0:
+            return self._empty_output(x)
+        if total == 1:
+            raise ValueError('PortableSyncBN: expected more than 1 value per channel over '
+                             f'the group in training, got input of shape {tuple(x.shape)} '
+                             'on this rank and 1 value in total')
         return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, var, invstd, count,
                                       group, self.eps)

@@ -15,6 +15,9 @@ from mmdet_bnplug.layers.portable_sync_bn import (
 )
 from norm_helpers import emulated_cuda_kernels
 
+# every test on both CPU implementations (conftest)
+pytestmark = pytest.mark.usefixtures('sync_bn_cpu_path')
+
 C = 4
 
 

@@ -13,13 +13,14 @@ from torch import nn
 
 from dist_utils import CollectiveCounter, run_distributed
 from mmdet_bnplug.layers.portable_sync_bn import PortableSyncBN, _process_group
-from norm_helpers import emulated_cuda_kernels
+from norm_helpers import SYNC_BN_PATHS, emulated_cuda_kernels, sync_bn_path
 
 C, SPATIAL, MOMENTUM, STEPS = 3, (4, 5), 0.3, 2
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 # per-rank batch sizes on 2 ranks: equal, unequal, rank 0 empty
 SPLITS = {'equal': (2, 2), 'unequal': (3, 1), 'one_empty': (0, 3)}
-SYNC_CASES = [(split, dtype) for split in SPLITS for dtype in (torch.float64, torch.float32)]
+SYNC_CASES = [(path, split, dtype) for path in SYNC_BN_PATHS for split in SPLITS
+              for dtype in (torch.float64, torch.float32)]
 EMULATED_SPLITS = ('unequal', 'one_empty')
 LOCAL_SIZES = (2, 3)  # group_size=1
 GROUP_SIZES = (2, 1, 0, 3)  # 4 ranks
@@ -67,9 +68,10 @@ def two_rank_worker(rank, world_size):
     counter = CollectiveCounter()
     res = {}
     with counter.installed():
-        for split, dtype in SYNC_CASES:
+        for path, split, dtype in SYNC_CASES:
             layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM).to(dtype))
-            res[split, dtype] = run_steps(layer, SPLITS[split], dtype, rank, counter)
+            with sync_bn_path(path):
+                res[path, split, dtype] = run_steps(layer, SPLITS[split], dtype, rank, counter)
         with emulated_cuda_kernels() as calls:  # the CUDA branch of the backward
             for split in EMULATED_SPLITS:
                 layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM).double())
@@ -78,9 +80,11 @@ def two_rank_worker(rank, world_size):
             res['emulated_cuda_calls'] = len(calls)
         layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM, group_size=1).double())
         res['local'] = run_steps(layer, LOCAL_SIZES, torch.float64, rank, counter)
-        layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM))
-        res['autocast'] = run_steps(layer, SPLITS['unequal'], torch.float32, rank, counter,
-                                    autocast=True)
+        for path in SYNC_BN_PATHS:
+            layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM))
+            with sync_bn_path(path):
+                res['autocast', path] = run_steps(layer, SPLITS['unequal'], torch.float32,
+                                                  rank, counter, autocast=True)
         layer = init_affine(PortableSyncBN(C, momentum=MOMENTUM).double())
         run_steps(layer, SPLITS['unequal'], torch.float64, rank, counter)
         res['eval'] = run_steps(layer.eval(), SPLITS['unequal'], torch.float64, rank, counter)
@@ -151,10 +155,10 @@ def assert_matches_bn(results, sizes, dtype, ranks=None):
             torch.testing.assert_close(results[r]['state'][key], value, **tol)
 
 
-@pytest.mark.parametrize('split,dtype', SYNC_CASES,
-                         ids=[f'{s}-{str(d)[6:]}' for s, d in SYNC_CASES])
-def test_matches_bn_on_concatenated_batch(two_ranks, split, dtype):
-    results = [res[split, dtype] for res in two_ranks]
+@pytest.mark.parametrize('path,split,dtype', SYNC_CASES,
+                         ids=[f'{p}-{s}-{str(d)[6:]}' for p, s, d in SYNC_CASES])
+def test_matches_bn_on_concatenated_batch(two_ranks, path, split, dtype):
+    results = [res[path, split, dtype] for res in two_ranks]
     assert_matches_bn(results, SPLITS[split], dtype)
     for res in results:  # one collective per forward and per backward, empty rank too
         assert [(s['fwd'], s['bwd']) for s in res['steps']] == [(1, 1)] * STEPS
@@ -178,19 +182,20 @@ def test_group_size_one_is_local_bn(two_ranks):
         assert [(s['fwd'], s['bwd']) for s in res['steps']] == [(0, 0)] * STEPS
 
 
-def test_autocast_statistics_in_fp32(two_ranks):
+@pytest.mark.parametrize('path', SYNC_BN_PATHS)
+def test_autocast_statistics_in_fp32(two_ranks, path):
     sizes = SPLITS['unequal']
     bn = init_affine(nn.BatchNorm2d(C, momentum=MOMENTUM)).double()
     for step in range(STEPS):
         x_all, _ = batches(sizes, torch.float32, step)
         y = bn(x_all.to(torch.bfloat16).double())  # the same rounded input, in float64
         for r, res in enumerate(two_ranks):
-            got = res['autocast']['steps'][step]['y']
+            got = res['autocast', path]['steps'][step]['y']
             assert got.dtype == torch.bfloat16
             torch.testing.assert_close(got.double(), rank_slice(y, sizes, r).detach(),
                                        atol=0.03, rtol=0.01)
     for res in two_ranks:
-        state = res['autocast']['state']
+        state = res['autocast', path]['state']
         assert state['running_mean'].dtype == torch.float32
         torch.testing.assert_close(state['running_mean'].double(), bn.running_mean,
                                    atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import mmdet_bnplug  # noqa: F401
 from dist_utils import run_distributed
 from mmdet_bnplug.layers import PortableSyncBN
+from norm_helpers import SYNC_BN_PATHS, sync_bn_path
 
 C = 3
 
@@ -51,6 +52,7 @@ def _assert_same(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.usefixtures('sync_bn_cpu_path')
 @pytest.mark.parametrize('momentum', [0.1, None])
 def test_non_finite_batch_writes_no_state_one_process(momentum):
     bad, clean = _skipped_equals_clean(0, momentum)
@@ -59,14 +61,19 @@ def test_non_finite_batch_writes_no_state_one_process(momentum):
 
 
 def _dist_non_finite(rank, world_size):
-    return _skipped_equals_clean(rank, 0.1)
+    result = {}
+    for path in SYNC_BN_PATHS:
+        with sync_bn_path(path):
+            result[path] = _skipped_equals_clean(rank, 0.1)
+    return result
 
 
 def test_non_finite_batch_writes_no_state_two_processes():
     """Only rank 0's batch has the inf; the group's statistics are then non-finite on
-    every rank, so both ranks skip the write."""
-    for bad, clean in run_distributed(_dist_non_finite, 2):
-        _assert_same(bad, clean)
+    every rank, so both ranks skip the write; on both CPU implementations."""
+    for result in run_distributed(_dist_non_finite, 2):
+        for bad, clean in result.values():
+            _assert_same(bad, clean)
 
 
 class _Block(nn.Module):
@@ -93,6 +100,7 @@ def _checkpointed_run(rank, mode):
     return _state(block.bn), grads
 
 
+@pytest.mark.usefixtures('sync_bn_cpu_path')
 @pytest.mark.parametrize('mode', ['reentrant', 'non_reentrant'])
 def test_checkpointing_advances_once_one_process(mode):
     state, grads = _checkpointed_run(0, mode)
@@ -104,12 +112,17 @@ def test_checkpointing_advances_once_one_process(mode):
 
 
 def _dist_checkpointing(rank, world_size):
-    return {mode: _checkpointed_run(rank, mode)
-            for mode in ('plain', 'reentrant', 'non_reentrant')}
+    result = {}
+    for path in SYNC_BN_PATHS:
+        with sync_bn_path(path):
+            result[path] = {mode: _checkpointed_run(rank, mode)
+                            for mode in ('plain', 'reentrant', 'non_reentrant')}
+    return result
 
 
 def test_checkpointing_advances_once_two_processes():
-    for result in run_distributed(_dist_checkpointing, 2):
+    for result in (r[path] for r in run_distributed(_dist_checkpointing, 2)
+                   for path in SYNC_BN_PATHS):
         ref_state, ref_grads = result['plain']
         for mode in ('reentrant', 'non_reentrant'):
             state, grads = result[mode]
@@ -119,6 +132,7 @@ def test_checkpointing_advances_once_two_processes():
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures('sync_bn_cpu_path')
 def test_mmdet_resnet_with_cp_advances_once_per_iteration():
     def run(with_cp):
         torch.manual_seed(0)

@@ -8,13 +8,15 @@
 // buffer_x2; mabn_train_backward: buffer_gz), bumping their version counters; a step
 // whose statistics are not finite writes none of them (the non-finite guard, mabn.py).
 //
-// The arithmetic and the passes over memory are those of the ops' PyTorch
-// implementation: ATen's vectorised kernels for the elementwise work and the fused
-// reductions, plain loops for the per-channel statistics. What this saves is the Python
-// dispatch of ~20 small per-channel tensor ops per step, which dominates on small feature
-// maps (FPN P6/P7).
+// The arithmetic is that of the ops' PyTorch implementation: ATen's fused reductions and
+// vectorised affine kernel, plain loops for the per-channel statistics, and the input
+// gradient in one pass (channel_affine2, cpu_common.h; two passes in PyTorch). What this
+// saves is the Python dispatch of ~20 small per-channel tensor ops per step, which
+// dominates on small feature maps (FPN P6/P7), and one pass over memory in the backward.
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "cpu_common.h"
 
 #include <algorithm>
 #include <array>
@@ -26,44 +28,15 @@
 namespace {
 
 using at::Tensor;
+using bnplug::channel_view;
+using bnplug::check_input;
+using bnplug::check_stat;
+using bnplug::checked_param;
+using bnplug::stat_dtype;
+using bnplug::written;
 
 // Rows of a step's per-channel coefficients, (2, C) in the statistics dtype.
 enum Row { kQ = 0, kNegInvVar = 1 };  // r / sqrt(s2 + eps), -1 / (s2 + eps)
-
-at::ScalarType stat_dtype(const Tensor& x) {
-  return at::promote_types(x.scalar_type(), at::kFloat);
-}
-
-// x of shape (N, C, *); C < 0: any C.
-void check_input(const char* op, const Tensor& x, int64_t C) {
-  TORCH_CHECK(x.is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, *), got ", x.sizes());
-  TORCH_CHECK(C < 0 || x.size(1) == C, op, ": x must have shape (N, ", C, ", *), got ",
-              x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
-              ": x must be floating point, got ", x.scalar_type());
-}
-
-// A per-channel tensor: CPU, floating point, contiguous, the given shape. Returns it in
-// the statistics dtype ``dtype`` (a copy when it has another, e.g. fp16 buffers of a half
-// module: the kernels read and write the statistics through raw pointers of that dtype).
-Tensor check_stat(const char* op, const char* name, const Tensor& t, at::ScalarType dtype,
-                  at::IntArrayRef shape) {
-  TORCH_CHECK(t.is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be floating point, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
-// Writes back a statistic computed in ``work`` (check_stat's result) into ``t`` and bumps
-// ``t``'s version counter: it was modified in place.
-void written(const Tensor& t, const Tensor& work) {
-  if (!work.is_same(t)) t.copy_(work);
-  t.unsafeGetTensorImpl()->bump_version();
-}
 
 // An int64 CPU scalar: the counter t or a step's copy of it (reading it is no sync).
 int64_t read_counter(const char* op, const char* name, const Tensor& t) {
@@ -148,13 +121,6 @@ std::tuple<Tensor, Tensor> dot_sums(const Tensor& a, const Tensor& b, const Tens
   return {std::get<1>(out), std::get<2>(out)};
 }
 
-// A (C,) tensor viewed as (1, C, 1, ...) to broadcast over a rank-``dim`` input.
-Tensor channel_view(const Tensor& v, int64_t dim) {
-  std::vector<int64_t> shape(dim, 1);
-  shape[1] = -1;
-  return v.view(shape);
-}
-
 // scale[c] * x + shift[c], in x's dtype and memory format. BN's eval kernel (as
 // _affine in ops/mabn.py), except for channels_last input of the statistics dtype, where
 // a broadcast multiply-add is faster on CPU at every benchmark shape.
@@ -175,13 +141,6 @@ void check_coeffs(const char* op, const Tensor& x, const Tensor& coeffs, const T
               coeffs.scalar_type());
   check_stat(op, "coeffs", coeffs, stat_dtype(x), {2, x.size(1)});
   read_counter(op, "step", step);
-}
-
-// weight or bias (C,), in the statistics dtype.
-std::optional<Tensor> checked_param(const char* op, const char* name,
-                                    const std::optional<Tensor>& p, const Tensor& x) {
-  if (!p) return std::nullopt;
-  return check_stat(op, name, *p, stat_dtype(x), {x.size(1)});
 }
 
 // mmdet_bnplug::mabn_train_stats: the spec's "Training forward" statistics. Advances
@@ -287,9 +246,8 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(
   if (written_gz) written(buffer_gz, buffer);
   Tensor dx = at::empty({0}, x.options());
   if (output_mask[0]) {
-    Tensor scale = scale_of(coeffs, w);
-    if (scale.scalar_type() != x.scalar_type()) scale = scale.to(x.scalar_type());
-    dx = affine(x, k, std::nullopt, consts).addcmul_(dy, channel_view(scale, x.dim()));
+    dx = bnplug::channel_affine2(op, dy, x, scale_of(coeffs, w), k, std::nullopt,
+                                 std::nullopt);
   }
   if (!output_mask[2]) db = at::empty({0}, dw.options());
   return {dx, dw, db};
