@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (no GPU needed):
 #   make demo   install, generate the synthetic dataset, train the toy RetinaNet and evaluate it
-#   make test   install, run the test suite
+#   make test   install (and the mmpretrain tests' own environment), run the test suite
 # Both create or reuse .venv; a second run reuses everything already installed.
 
 PYTHON ?= python3
@@ -14,6 +14,17 @@ TORCH_SPEC ?= torch==2.13.0
 SETUPTOOLS_SPEC := setuptools>=77,<81
 MMCV_SPEC := mmcv==2.1.0
 STAMP := $(VENV)/.bnplug-installed
+
+# the mmpretrain tests' own environment: mmpretrain imports torchvision, which does not
+# load beside the CPU torch above; torch 2.14.1 + torchvision 0.29.1 (a CUDA build, run on
+# the CPU), mmcv without ops, and a copy of this package installed from the working tree
+PRETRAIN_VENV ?= .venv-mmpretrain
+PRETRAIN_PY := $(PRETRAIN_VENV)/bin/python
+PRETRAIN_SPECS := 'torch==2.14.1' 'torchvision==0.29.1' 'mmcv-lite==2.1.0' 'mmengine==0.10.7' \
+	'mmpretrain==1.2.0'
+PRETRAIN_SRC := $(PRETRAIN_VENV)/src/mmdet-bnplug
+PRETRAIN_STAMP := $(PRETRAIN_VENV)/.bnplug-installed
+PACKAGE_FILES := $(shell find mmdet_bnplug -name '*.py' -o -name '*.cpp' -o -name '*.h')
 
 DEMO_CONFIG ?= configs/toy/retinanet_r18_fpn_bn_toy.py
 # the config's default work dir, where the EvalBN fine-tune's load_from looks
@@ -34,6 +45,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard mmdet_bnplug/ops/csrc/*) Makefile
 	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.ops.mabn as m, mmdet_bnplug.layers.portable_sync_bn as s; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; compiled CPU kernels of MABN and PortableSyncBN:', m.cpu_kernels is not None, s.cpu_kernels is not None); assert m.cpu_kernels is not None and s.cpu_kernels is not None, 'CPU kernels not built'"
 	touch $(STAMP)
 
+$(PRETRAIN_STAMP): pyproject.toml setup.py README.md $(PACKAGE_FILES) Makefile
+	test -x $(PRETRAIN_PY) || $(PYTHON) -m venv $(PRETRAIN_VENV)
+	$(PRETRAIN_PY) -m pip install '$(SETUPTOOLS_SPEC)' wheel ninja numpy $(PRETRAIN_SPECS)
+	rm -rf $(PRETRAIN_SRC) && mkdir -p $(PRETRAIN_SRC)
+	cp -r pyproject.toml setup.py README.md mmdet_bnplug $(PRETRAIN_SRC)/
+	find $(PRETRAIN_SRC) \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	$(PRETRAIN_PY) -m pip install --no-build-isolation --no-deps $(PRETRAIN_SRC)
+	cd $(PRETRAIN_VENV) && bin/python -c "import mmpretrain, torchvision, mmdet_bnplug.ops.mabn as m; print('mmpretrain environment: mmpretrain', mmpretrain.__version__, 'torchvision', torchvision.__version__); assert m.cpu_kernels is not None"
+	touch $(PRETRAIN_STAMP)
+
 # regenerated when the generator changes
 $(SYNTHETIC_DIR)/annotations/val.json: mmdet_bnplug/testing/synthetic.py tools/make_synthetic.py | $(STAMP)
 	$(PY) tools/make_synthetic.py $(SYNTHETIC_DIR)
@@ -45,14 +66,14 @@ data: $(SYNTHETIC_DIR)/annotations/val.json
 demo: data
 	$(PY) tools/train.py $(DEMO_CONFIG) --work-dir $(DEMO_WORK_DIR)
 
-test: $(STAMP)
-	$(PY) -m pytest
+test: $(STAMP) $(PRETRAIN_STAMP)
+	BNPLUG_MMPRETRAIN_PYTHON=$(abspath $(PRETRAIN_PY)) $(PY) -m pytest
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # every build output: the environment, the compiled kernel, build/ and egg-info, caches, runs
 clean:
-	rm -rf $(VENV) work_dirs build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PRETRAIN_VENV) work_dirs build *.egg-info .pytest_cache .ruff_cache
 	find . -path ./.git -prune -o \( -name '__pycache__' -o -name '*.so' \) -prune \
 		-exec rm -rf {} +
