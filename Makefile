@@ -51,7 +51,8 @@ $(PRETRAIN_STAMP): pyproject.toml setup.py README.md $(PACKAGE_FILES) Makefile
 	rm -rf $(PRETRAIN_SRC) && mkdir -p $(PRETRAIN_SRC)
 	cp -r pyproject.toml setup.py README.md mmdet_bnplug $(PRETRAIN_SRC)/
 	find $(PRETRAIN_SRC) \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
-	$(PRETRAIN_PY) -m pip install --no-build-isolation --no-deps $(PRETRAIN_SRC)
+	$(PRETRAIN_PY) -m pip install --force-reinstall --no-cache-dir --no-build-isolation --no-deps \
+		$(PRETRAIN_SRC)
 	cd $(PRETRAIN_VENV) && bin/python -c "import mmpretrain, torchvision, mmdet_bnplug.ops.mabn as m; print('mmpretrain environment: mmpretrain', mmpretrain.__version__, 'torchvision', torchvision.__version__); assert m.cpu_kernels is not None"
 	touch $(PRETRAIN_STAMP)
 
