@@ -59,7 +59,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_utils import (
     DEFAULT_REPEATS,
-    agree_on_most_calls,
     benchmark_parser,
     grouped_bars,
     interleaved_medians,
@@ -263,10 +262,10 @@ def peak_bytes(layer, x, dy) -> int:
     return peak
 
 
-def train_times(layers, x, dy, repeats, target_s, agree=None) -> dict:
+def train_times(layers, x, dy, repeats, target_s) -> dict:
     """Median seconds per training-mode forward+backward of each layer, interleaved."""
     steps = {n: (lambda layer=layer: _step(layer, x, dy)) for n, layer in layers.items()}
-    return interleaved_medians(steps, repeats, target_s, agree=agree)
+    return interleaved_medians(steps, repeats, target_s)
 
 
 def eval_times(layers, x, repeats, target_s) -> dict:
@@ -297,8 +296,8 @@ def collectives_per_call(layer, x, dy):
 
 
 class _Collectives(torch.autograd.Function):
-    """Identity on ``y`` whose forward all_gathers and backward all_reduces as many values
-    as PortableSyncBN's two collectives carry for ``c`` channels (count, mean, M2; sum(dy),
+    """Identity on ``y`` whose forward and backward all_gather as many values as
+    PortableSyncBN's two collectives carry for ``c`` channels (count, mean, M2; sum(dy),
     sum(dy * xhat))."""
 
     @staticmethod
@@ -310,7 +309,8 @@ class _Collectives(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        dist.all_reduce(dy.new_zeros(2 * ctx.c))
+        dist.all_gather_into_tensor(dy.new_empty(dist.get_world_size(), 2 * ctx.c),
+                                    dy.new_zeros(1, 2 * ctx.c))
         return dy, None
 
 
@@ -333,11 +333,9 @@ def _sync_worker(rank, world_size, shapes, repeats, target_s):
         layers = {'BatchNorm2d': nn.BatchNorm2d(c), 'PortableSyncBN': PortableSyncBN(c),
                   'floor': BNPlusCollectives(c)}
         steps = {n: (lambda layer=layer: _step(layer, x, dy)) for n, layer in layers.items()}
-        gathered, local, summed = torch.empty(world_size, 2 * c + 1), torch.zeros(1, 2 * c + 1), \
-            torch.zeros(2 * c)
-        steps['collectives'] = lambda: (dist.all_gather_into_tensor(gathered, local),
-                                        dist.all_reduce(summed))
-        times = interleaved_medians(steps, repeats, target_s, agree=agree_on_most_calls)
+        buffers = [(torch.empty(world_size, k), torch.zeros(1, k)) for k in (2 * c + 1, 2 * c)]
+        steps['collectives'] = lambda: [dist.all_gather_into_tensor(*b) for b in buffers]
+        times = interleaved_medians(steps, repeats, target_s, across_ranks=True)
         peaks = {n: peak_bytes(layers[n], x, dy) for n in ('BatchNorm2d', 'PortableSyncBN')}
         bn = times['BatchNorm2d']
         rows.append(dict(bn_ms=bn * 1e3, time=times['PortableSyncBN'] / bn,

@@ -18,14 +18,16 @@ COLLECTIVE_TIMEOUT_S = 600
 
 def interleaved_medians(steps: Dict[str, Callable[[], object]], repeats: int,
                         target_s: float = 0.05, warmup: int = 1,
-                        agree: Optional[Callable[[dict], dict]] = None) -> Dict[str, float]:
+                        across_ranks: bool = False) -> Dict[str, float]:
     """Median seconds per call of each step, measured interleaved.
 
     Each step runs ``warmup`` times, then once timed to choose how many calls a sample
     holds (enough for about ``target_s``). Then ``repeats`` rounds run every step once
     (one sample each), in an order rotated every round, so that machine load spreads
-    over all steps alike. ``agree`` maps the chosen calls per sample to the ones to use
-    (processes that synchronise must make the same calls).
+    over all steps alike. ``across_ranks``: the steps synchronise the ranks of the default
+    process group, so every rank makes the most calls any rank chose (collectives pair
+    up), and every sample starts at a barrier (untimed), so that the skew a step without
+    collectives leaves between ranks is not counted in the next step's sample.
     """
     calls = {}
     for name, step in steps.items():
@@ -34,13 +36,15 @@ def interleaved_medians(steps: Dict[str, Callable[[], object]], repeats: int,
         start = time.perf_counter()
         step()
         calls[name] = max(1, round(target_s / max(time.perf_counter() - start, 1e-9)))
-    if agree is not None:
-        calls = agree(calls)
+    if across_ranks:
+        calls = _most_calls_any_rank(calls)
     samples = {name: [] for name in steps}
     names = list(steps)
     for rnd in range(repeats):
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
             step, n = steps[name], calls[name]
+            if across_ranks:
+                dist.barrier()
             start = time.perf_counter()
             for _ in range(n):
                 step()
@@ -55,9 +59,8 @@ def run_on_gloo(worker: Callable, procs: int, threads: int, *args):
                     pg_timeout=COLLECTIVE_TIMEOUT_S, threads=threads)[0]
 
 
-def agree_on_most_calls(calls: Dict[str, int]) -> Dict[str, int]:
-    """For ``interleaved_medians(agree=...)`` across ranks: every rank makes the most
-    calls any rank chose, so that collectives pair up."""
+def _most_calls_any_rank(calls: Dict[str, int]) -> Dict[str, int]:
+    """Every rank's calls per sample set to the most any rank chose."""
     counts = torch.tensor(list(calls.values()))
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     return dict(zip(calls, counts.tolist()))

@@ -45,6 +45,34 @@ def test_local_stats_is_count_mean_m2(kernels, dtype, channels_last):
     torch.testing.assert_close(row, _pytorch_row(x), **tol)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_local_stats_float32_large_mean_against_float64(kernels, channels_last):
+    """mean/std = 1e4 in float32, planes longer than one accumulation block and more rows
+    than one channels-last part: mean and M2 as a float64 computation of the same values."""
+    g = torch.Generator().manual_seed(3)
+    x = _layout((torch.randn(3, C, 70, 90, generator=g, dtype=torch.float64) + 1e4).float(),
+                channels_last)
+    row = kernels.local_stats(x)[0].double()
+    var, mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+    # the mean within half a float32 ulp at 1e4
+    torch.testing.assert_close(row[1:C + 1], mean, rtol=0, atol=1.001 * 2**-11)
+    torch.testing.assert_close(row[C + 1:], var * row[0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_local_stats_do_not_depend_on_the_thread_count(kernels, channels_last):
+    x = _layout(torch.randn(4, C, 60, 70), channels_last)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.local_stats(x)
+        torch.set_num_threads(2)
+        two = kernels.local_stats(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_local_stats_of_an_empty_batch_is_zeros(kernels):
     row = kernels.local_stats(torch.empty(0, C, 3, 3))
     assert torch.equal(row, torch.zeros(1, 2 * C + 1))
@@ -111,6 +139,25 @@ def test_combine_moves_nothing_without_a_valid_finite_update(kernels, case):
     assert running[2] == 7
 
 
+def test_combine_float32_large_mean_keeps_each_rank_precision(kernels):
+    """8 ranks of detection-sized counts, float32 means near 1e4: the combined mean is a
+    float64 combination of the same rows rounded to float32 (summing count * mean in
+    float32 is an ulp off on some channels), the variance to float32 precision; both
+    paths."""
+    g, channels = torch.Generator().manual_seed(0), 64
+    counts = torch.randint(100000, 1000000, (8, 1), generator=g).float()
+    means = (1e4 + torch.rand(8, channels, generator=g, dtype=torch.float64) * 2 - 1).float()
+    rows = torch.cat([counts, means, torch.rand(8, channels, generator=g) * counts], 1)
+    r = rows.double()
+    n, m, m2 = r[:, :1], r[:, 1:channels + 1], r[:, channels + 1:]
+    mean = (n * m).sum(0) / n.sum()
+    var = (m2 + n * (m - mean)**2).sum(0) / n.sum()
+    for got_mean, got_var in (kernels.combine(rows, 1e-5, None, None, None, 0.1)[:2],
+                              psbn._combine(rows)[:2]):
+        assert torch.equal(got_mean, mean.float())
+        torch.testing.assert_close(got_var.double(), var, rtol=1e-6, atol=0)
+
+
 def test_combine_updates_half_buffers_through_float32(kernels):
     gathered = _gathered((6, 6), torch.float32)
     running = torch.zeros(C, dtype=torch.half), torch.ones(C, dtype=torch.half), torch.tensor(0)
@@ -155,6 +202,41 @@ def test_grad_input_is_bn_input_gradient(kernels, dtype, affine, channels_last):
     torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
+def test_normalize_is_bn_output_with_given_statistics(kernels, dtype, affine, channels_last):
+    g = torch.Generator().manual_seed(1)
+    x = _layout((torch.randn(3, C, 4, 5, generator=g, dtype=torch.float64) * 2 + 3).to(dtype),
+                channels_last)
+    sd = torch.promote_types(dtype, torch.float32)
+    mean, var = torch.randn(C, dtype=sd) + 3, torch.rand(C, dtype=sd) + 1
+    invstd = torch.rsqrt(var + 1e-5)
+    weight, bias = (torch.rand(C, dtype=sd) + 0.5, torch.randn(C, dtype=sd)) if affine \
+        else (None, None)
+    y = kernels.normalize(x, mean, invstd, weight, bias)
+    v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    want = (x.double() - v(mean)) * v(invstd)
+    if affine:
+        want = want * v(weight) + v(bias)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last
+                                                if channels_last else torch.contiguous_format)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+
+
+def test_normalize_float32_large_mean_against_float64(kernels):
+    """(x - mean) first: with x near 1e4 and spread 1, the output is as precise as float32
+    values of order 1 allow (torch's eval kernel, x * alpha + beta, is not)."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, C, 8, 8, generator=g, dtype=torch.float64) + 1e4).float()
+    mean = x.double().mean((0, 2, 3)).float()
+    invstd = torch.ones(C)
+    y = kernels.normalize(x, mean, invstd, None, None)
+    want = x.double() - mean.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-6)
+
+
 def test_grad_input_reads_dy_in_another_layout(kernels):
     x = torch.randn(2, C, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     dy = torch.randn(2, C, 3, 4, dtype=torch.float64)  # contiguous
@@ -190,15 +272,14 @@ def test_the_layer_uses_the_kernels_on_cpu(kernels, monkeypatch):
     """The compiled path is the one the CPU tests call 'compiled': every kernel is called
     by a synchronised training step (the group here is this process)."""
     calls = []
-    for name in ('local_stats', 'combine', 'grad_input'):
+    for name in ('local_stats', 'combine', 'normalize', 'grad_input'):
         fn = getattr(kernels, name)
         monkeypatch.setattr(psbn.cpu_kernels, name,
                             lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a),
                             raising=True)
     layer = psbn.PortableSyncBN(C)
     monkeypatch.setattr(layer, '_sync_group', lambda: 'group')
-    monkeypatch.setattr(psbn, '_gather_rows', lambda local, group: local)
-    monkeypatch.setattr(psbn, '_collective', lambda *args, **kwargs: None)  # one rank
+    monkeypatch.setattr(psbn, '_gather_rows', lambda local, group, *what: local)  # one rank
     x = torch.randn(2, C, 3, 3, requires_grad=True)
     layer(x).sum().backward()
-    assert calls == ['local_stats', 'combine', 'grad_input']
+    assert calls == ['local_stats', 'combine', 'normalize', 'grad_input']

@@ -1,7 +1,7 @@
 // Helpers shared by the CPU kernels of the norm layers (mabn_cpu.cpp, sync_bn_cpu.cpp):
 // the statistics dtype, argument checks of per-channel tensors, in-place write-back, and
-// the one-pass per-channel combination of two feature maps that both layers' input
-// gradients are.
+// the one-pass per-channel combination of one or two feature maps that both layers' input
+// gradients (and PortableSyncBN's output) are.
 #pragma once
 
 #include <torch/extension.h>
@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace bnplug {
@@ -66,77 +67,98 @@ inline Tensor channel_view(const Tensor& v, int64_t dim) {
   return v.view(shape);
 }
 
-// out = a[c] * u + k[c] * (v - m[c]) + s[c] per channel c (m, s optional: 0), in one pass
-// over memory, computed in the statistics dtype and rounded once to ``v``'s dtype.
-// u, v: (N, C, *) of one floating dtype; out has v's dtype and memory format (u is made
-// to match v's layout when it differs). a, k, m, s: (C,) contiguous, statistics dtype.
-inline Tensor channel_affine2(const char* op, const Tensor& u, const Tensor& v,
-                              const Tensor& a, const Tensor& k, const std::optional<Tensor>& m,
-                              const std::optional<Tensor>& s) {
-  TORCH_CHECK(u.sizes() == v.sizes() && u.scalar_type() == v.scalar_type() && u.is_cpu(), op,
-              ": dy must be a CPU tensor of x's shape and dtype");
+// out = a[c] * u + k[c] * (v - m[c]) + s[c] per channel c (u absent: no a-term; m, s
+// absent: 0), in one pass over memory, computed in the statistics dtype and rounded once
+// to ``v``'s dtype; v - m is taken first, so a large mean against a small spread keeps its
+// precision. u, v: (N, C, *) of one floating dtype; out has v's dtype and memory format (u
+// is made to match v's layout when it differs). a (with u), k, m, s: (C,) contiguous,
+// statistics dtype.
+inline Tensor channel_affine2(const char* op, const std::optional<Tensor>& u, const Tensor& v,
+                              const std::optional<Tensor>& a, const Tensor& k,
+                              const std::optional<Tensor>& m, const std::optional<Tensor>& s) {
+  TORCH_CHECK(!u || (u->sizes() == v.sizes() && u->scalar_type() == v.scalar_type() &&
+                     u->is_cpu()),
+              op, ": dy must be a CPU tensor of x's shape and dtype");
+  TORCH_CHECK(u.has_value() == a.has_value(), op, ": internal: u and a go together");
   const int64_t C = v.size(1);
   const auto sd = stat_dtype(v);
   const auto fmt = v.dim() > 2 ? v.suggest_memory_format() : at::MemoryFormat::Contiguous;
-  const Tensor vv = v.contiguous(fmt), uu = u.contiguous(fmt);
+  const Tensor vv = v.contiguous(fmt);
+  const Tensor uu = u ? u->contiguous(fmt) : Tensor();
   Tensor out = at::empty(v.sizes(), v.options().memory_format(fmt));
   const int64_t N = v.size(0);
   if (out.numel() == 0) return out;
   const int64_t inner = v.numel() / (N * C);
   const bool channels_last = fmt != at::MemoryFormat::Contiguous;
-  const Tensor ca = check_stat(op, "a", a, sd, {C}), ck = check_stat(op, "k", k, sd, {C});
-  const std::optional<Tensor> cm =
-      m ? std::optional<Tensor>(check_stat(op, "mean", *m, sd, {C})) : std::nullopt;
-  const std::optional<Tensor> cs =
-      s ? std::optional<Tensor>(check_stat(op, "shift", *s, sd, {C})) : std::nullopt;
+  const auto per_channel = [&](const std::optional<Tensor>& t, const char* name) {
+    return t ? std::optional<Tensor>(check_stat(op, name, *t, sd, {C})) : std::nullopt;
+  };
+  const Tensor ck = check_stat(op, "k", k, sd, {C});
+  const std::optional<Tensor> ca = per_channel(a, "a"), cm = per_channel(m, "mean"),
+                              cs = per_channel(s, "shift");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
                                   "channel_affine2", [&] {
     using T = scalar_t;
     using S = at::opmath_type<T>;  // float for half/bf16/float, double for double
     TORCH_CHECK(c10::CppTypeToScalarType<S>::value == sd, op, ": internal dtype mismatch");
-    const T* __restrict__ up = uu.const_data_ptr<T>();
+    const T* __restrict__ up = u ? uu.const_data_ptr<T>() : nullptr;
     const T* __restrict__ vp = vv.const_data_ptr<T>();
     T* __restrict__ outp = out.mutable_data_ptr<T>();
-    const S* ap = ca.const_data_ptr<S>();
     const S* kp = ck.const_data_ptr<S>();
-    // v - m apart from the shift: precise when the mean is large against the spread
-    std::vector<S> shift(C, S(0)), mean(C, S(0));
+    std::vector<S> scale(C, S(0)), shift(C, S(0)), mean(C, S(0));
     for (int64_t c = 0; c < C; ++c) {
+      if (ca) scale[c] = ca->const_data_ptr<S>()[c];
       if (cs) shift[c] = cs->const_data_ptr<S>()[c];
       if (cm) mean[c] = cm->const_data_ptr<S>()[c];
     }
-    if (!channels_last) {  // planes of `inner` values, one channel each
-      const int64_t grain =
-          std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(inner, 1));
-      at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % C;
-          const S ac = ap[c], kc = kp[c], mc = mean[c], sc = shift[c];
-          const T* __restrict__ ui = up + p * inner;
-          const T* __restrict__ vi = vp + p * inner;
-          T* __restrict__ oi = outp + p * inner;
-          for (int64_t i = 0; i < inner; ++i) {
-            oi[i] = static_cast<T>(ac * static_cast<S>(ui[i]) +
-                                   kc * (static_cast<S>(vi[i]) - mc) + sc);
+    const S* ap = scale.data();
+    const S* sp = shift.data();
+    const S* mp = mean.data();
+    const auto run = [&](auto with_u) {  // the loops, with or without the u-term
+      constexpr bool kWithU = decltype(with_u)::value;
+      if (!channels_last) {  // planes of `inner` values, one channel each
+        const int64_t grain =
+            std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(inner, 1));
+        at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) {
+            const int64_t c = p % C;
+            const S ac = ap[c], kc = kp[c], mc = mp[c], sc = sp[c];
+            const T* __restrict__ vi = vp + p * inner;
+            T* __restrict__ oi = outp + p * inner;
+            if constexpr (kWithU) {
+              const T* __restrict__ ui = up + p * inner;
+              for (int64_t i = 0; i < inner; ++i)
+                oi[i] = static_cast<T>(ac * static_cast<S>(ui[i]) +
+                                       kc * (static_cast<S>(vi[i]) - mc) + sc);
+            } else {
+              for (int64_t i = 0; i < inner; ++i)
+                oi[i] = static_cast<T>(kc * (static_cast<S>(vi[i]) - mc) + sc);
+            }
           }
-        }
-      });
-    } else {  // rows of C values, one per position
-      const int64_t rows = N * inner;
-      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-      const S* sp = shift.data();
-      const S* mp = mean.data();
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const T* __restrict__ ui = up + r * C;
-          const T* __restrict__ vi = vp + r * C;
-          T* __restrict__ oi = outp + r * C;
-          for (int64_t c = 0; c < C; ++c) {
-            oi[c] = static_cast<T>(ap[c] * static_cast<S>(ui[c]) +
-                                   kp[c] * (static_cast<S>(vi[c]) - mp[c]) + sp[c]);
+        });
+      } else {  // rows of C values, one per position
+        const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
+        at::parallel_for(0, N * inner, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const T* __restrict__ vi = vp + r * C;
+            T* __restrict__ oi = outp + r * C;
+            if constexpr (kWithU) {
+              const T* __restrict__ ui = up + r * C;
+              for (int64_t c = 0; c < C; ++c)
+                oi[c] = static_cast<T>(ap[c] * static_cast<S>(ui[c]) +
+                                       kp[c] * (static_cast<S>(vi[c]) - mp[c]) + sp[c]);
+            } else {
+              for (int64_t c = 0; c < C; ++c)
+                oi[c] = static_cast<T>(kp[c] * (static_cast<S>(vi[c]) - mp[c]) + sp[c]);
+            }
           }
-        }
-      });
+        });
+      }
+    };
+    if (u) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
     }
   });
   return out;
