@@ -6,8 +6,8 @@ concatenation of the group's batches, whatever each rank's batch size (zero incl
 Each call costs one collective in the forward (gathering per-rank count, mean and sum of
 squared deviations, combined exactly) and one in the backward (gathering per-rank sums of
 the gradient statistics, added up in rank order); both are ordinary ``torch.distributed``
-calls, so gloo on CPU and nccl on CUDA both work. Otherwise (eval mode, no process group, group of one rank) it is
-plain BN and communicates nothing.
+calls, so gloo on CPU and nccl on CUDA both work. Otherwise (eval mode, no process group,
+group of one rank) it is plain BN and communicates nothing.
 
 On CPU (eager) the per-call arithmetic is the compiled kernels of
 ``ops/csrc/sync_bn_cpu.cpp`` (``cpu_kernels``); elsewhere, under torch.compile, or

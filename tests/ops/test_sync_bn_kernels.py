@@ -179,13 +179,21 @@ def _bn_grad_input(x, dy, weight):
     return x.grad
 
 
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _input(dtype, channels_last):
+    """A generator and an input (3, C, 4, 5) of mean 3 and spread 2 in ``dtype``."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, C, 4, 5, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    return g, _layout(x, channels_last)
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('affine', [True, False])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
 def test_grad_input_is_bn_input_gradient(kernels, dtype, affine, channels_last):
-    g = torch.Generator().manual_seed(1)
-    x = _layout((torch.randn(3, C, 4, 5, generator=g, dtype=torch.float64) * 2 + 3).to(dtype),
-                channels_last)
+    g, x = _input(dtype, channels_last)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
     weight = torch.linspace(0.5, 1.5, C, dtype=x.dtype) if affine else None
     sd = torch.promote_types(dtype, torch.float32)
@@ -198,7 +206,7 @@ def test_grad_input_is_bn_input_gradient(kernels, dtype, affine, channels_last):
     assert dx.dtype == dtype and dx.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     want = _bn_grad_input(x, dy, weight.double() if affine else None)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    tol = TOLERANCE[dtype]
     torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol)
 
 
@@ -206,9 +214,7 @@ def test_grad_input_is_bn_input_gradient(kernels, dtype, affine, channels_last):
 @pytest.mark.parametrize('affine', [True, False])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
 def test_normalize_is_bn_output_with_given_statistics(kernels, dtype, affine, channels_last):
-    g = torch.Generator().manual_seed(1)
-    x = _layout((torch.randn(3, C, 4, 5, generator=g, dtype=torch.float64) * 2 + 3).to(dtype),
-                channels_last)
+    g, x = _input(dtype, channels_last)
     sd = torch.promote_types(dtype, torch.float32)
     mean, var = torch.randn(C, dtype=sd) + 3, torch.rand(C, dtype=sd) + 1
     invstd = torch.rsqrt(var + 1e-5)
@@ -221,7 +227,7 @@ def test_normalize_is_bn_output_with_given_statistics(kernels, dtype, affine, ch
         want = want * v(weight) + v(bias)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last
                                                 if channels_last else torch.contiguous_format)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    tol = TOLERANCE[dtype]
     torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
 
 
