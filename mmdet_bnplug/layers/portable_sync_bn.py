@@ -175,8 +175,9 @@ class _GlobalBatchNorm(torch.autograd.Function):
     gives BN's input gradient on the group's concatenated batch (one all_gather) and this
     rank's own contribution to the weight and bias gradients.
 
-    BN's cost: the output is one pass of BN's eval kernel; the backward is one fused
-    reduction pass (``sum(dy)``, ``sum(dy * xhat)``, BN's backward kernel), then
+    BN's cost: the output is one pass (on CPU the compiled kernel, ``(x - mean)`` first;
+    elsewhere BN's eval kernel); the backward is one fused reduction pass (``sum(dy)``,
+    ``sum(dy * xhat)``, BN's backward kernel), then
     ``dx = A * dy + B * (x - mean) + C`` per channel (one pass: on CPU the compiled
     kernel, on CUDA torch's SyncBN kernel; two passes elsewhere and under torch.compile),
     without ``xhat`` or any other full-size temporary. Saves only ``x``

@@ -152,11 +152,12 @@ Tensor local_stats(const Tensor& x) {
 // variance, 1 / sqrt(var + eps) (each (C,)), and count (a 0-dim tensor, and as an int).
 // Computed in double, each rank's mean taken relative to that of the rank with the most
 // values (a large mean against a small spread keeps its precision: one rank's statistics
-// come back as they went). An empty group batch gives mean and variance 0. With running statistics given (the
-// layer's buffers, (C,) each, and its int64 counter), updates them as BN on the group's
-// batch: running = running + m * (new - running), variance unbiased, m = momentum or, when
-// None, 1 / (num_batches_tracked + 1); then the counter is advanced. Nothing is written
-// unless the group has more than one value and both updated statistics are finite.
+// come back as they went). An empty group batch gives mean and variance 0. With running
+// statistics given (the layer's buffers, (C,) each, and its int64 counter), updates them
+// as BN on the group's batch: running = running + m * (new - running), variance unbiased,
+// m = momentum or, when None, 1 / (num_batches_tracked + 1); then the counter is advanced.
+// Nothing is written unless the group has more than one value and both updated statistics
+// are finite.
 std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> combine(
     const Tensor& gathered, double eps, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, const std::optional<Tensor>& counter,
