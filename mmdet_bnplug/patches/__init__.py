@@ -1,8 +1,9 @@
 """Fixes to the stack, one module each, applied by ``import mmdet_bnplug``.
 
-- ``safe_loading``: allow-lists, for torch's ``weights_only`` loading, the classes that
-  mmengine 0.10.7 checkpoints hold (torch >= 2.6 loads with ``weights_only=True`` by
-  default and refuses them), and loads URL checkpoints with ``weights_only=True``.
+- ``safe_loading``: allow-lists, for torch's ``weights_only`` loading, narrow stand-ins for
+  the classes that mmengine 0.10.7 checkpoints hold (torch >= 2.6 loads with
+  ``weights_only=True`` by default and refuses them), loads URL checkpoints with
+  ``weights_only=True`` and never lets ``Runner.resume`` execute a checkpoint's config.
 - ``cpu_distributed``: mmengine's PyTorch launcher and DDP wrapper on a machine with no
   accelerator use gloo and no ``device_ids`` (mmengine calls ``torch.cuda.set_device``
   and passes ``device_ids`` for a CPU model).
@@ -26,13 +27,11 @@ DISABLE_ENV = 'MMDET_BNPLUG_DISABLE_PATCHES'
 def disabled_patches() -> set:
     """Names switched off by ``MMDET_BNPLUG_DISABLE_PATCHES``; unknown names are an error."""
     names = {n.strip() for n in os.environ.get(DISABLE_ENV, '').split(',') if n.strip()}
-    if 'all' in names:
-        return set(PATCHES)
-    unknown = names - set(PATCHES)
-    if unknown:
+    unknown = names - set(PATCHES) - {'all'}
+    if unknown:  # in any combination, 'all' included
         raise ValueError(f'{DISABLE_ENV}: unknown patch name(s) {sorted(unknown)}; '
                          f'accepted: {", ".join(PATCHES)} or all')
-    return names
+    return set(PATCHES) if 'all' in names else names
 
 
 def _module(name: str):
@@ -47,7 +46,8 @@ def apply(name: str) -> None:
 
 
 def revert(name: str) -> None:
-    """Undo one patch, restoring the stack's own behaviour (idempotent)."""
+    """Undo one patch, restoring the stack's own behaviour; only what the patch itself
+    added is removed (idempotent)."""
     _module(name).revert()
 
 
