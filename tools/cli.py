@@ -2,8 +2,8 @@
 traceback. Internal errors keep their traceback (and exit code 1).
 
 The errors subclass the built-in type a caller would expect (``FileNotFoundError``,
-``KeyError``, ``ValueError``, ``RuntimeError``), so code calling the checks directly can
-catch them as usual.
+``KeyError``, ``ValueError``, ``OSError``, ``RuntimeError``), so code calling the checks
+directly can catch them as usual.
 
 Imported first by every tool (its own import section, see pyproject.toml): it silences
 the one warning every start of the stack prints, setuptools' "pkg_resources is
@@ -32,6 +32,11 @@ class UnknownName(InputError, KeyError):
 
 class BadValue(InputError, ValueError):
     """A value outside what is accepted."""
+
+
+class UnwritableOutput(InputError, OSError):
+    """An output the tool cannot write: not a regular file, in no writable directory, a
+    full disk, ..."""
 
 
 class UnsupportedHere(InputError, RuntimeError):

@@ -1,9 +1,10 @@
 """Convert the norm layers of a checkpoint to another type (BN, EvalBN, MABN, ...).
 
-    python tools/convert_checkpoint.py CKPT OUT --to EvalBN [--config CONFIG]
+    python tools/convert_checkpoint.py CKPT OUT --to EvalBN --config CONFIG
         [--to-options k=v ...] [--include GLOB ...] [--exclude GLOB ...] [--cfg-options ...]
 
-Builds the model of CONFIG (default: the config stored in CKPT), loads CKPT strictly,
+Builds the model of CONFIG (required: the config mmengine stores in CKPT is Python and is
+never run; the run's work dir holds the config file it dumped), loads CKPT strictly,
 converts the selected BN-like layers with ``mmdet_bnplug.transforms.convert_norm`` and saves
 the weights to OUT (``state_dict`` + ``meta``; no optimizer state), atomically; OUT may
 not be the input (or a link to it). Use OUT as
@@ -24,7 +25,9 @@ from mmdet_bnplug.transforms import convert_norm
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Convert the norm layers of a checkpoint')
+    parser = argparse.ArgumentParser(
+        description='Convert the norm layers of a checkpoint',
+        usage='%(prog)s CKPT OUT --to TYPE --config CONFIG [options]')
     parser.add_argument('checkpoint', help='input checkpoint')
     parser.add_argument('out', help='output checkpoint (.pth)')
     parser.add_argument('--to', required=True,
@@ -32,8 +35,9 @@ def parse_args(argv=None):
                         'PortableSyncBN, mmdet.FrozenBN, ...')
     parser.add_argument('--to-options', nargs='+', action=DictAction, default={},
                         help='constructor kwargs of the target, e.g. requires_grad=False')
-    parser.add_argument('--config', help='config of the checkpoint (default: the one '
-                        "stored in it, meta['cfg'])")
+    # required, checked by load_model: its error says why the stored config is not used
+    parser.add_argument('--config', help='config file of the checkpoint (required), e.g. '
+                        'the one its work dir holds')
     parser.add_argument('--include', nargs='+', help='glob(s) of layer names to convert')
     parser.add_argument('--exclude', nargs='+', help='glob(s) of layer names to keep')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,

@@ -1,7 +1,9 @@
 """Is my BN really frozen? A table of every norm layer of a config or checkpoint.
 
     python tools/inspect_norms.py CONFIG [--checkpoint CKPT] [--iters N] [--cfg-options k=v ...]
-    python tools/inspect_norms.py --checkpoint CKPT [--iters N]   # config stored in the ckpt
+
+CONFIG is required, also with a checkpoint: the config mmengine stores in a checkpoint is
+Python and is never run (the run's work dir holds the config file it dumped).
 
 For each BN-like layer, after ``model.train()`` (as the training loop calls it): type,
 training flag, affine requires_grad, whether it is meant to be frozen and why, statistics.
@@ -24,9 +26,12 @@ from run_config import check_datasets
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Report the state of every norm layer')
-    parser.add_argument('config', nargs='?', help='config file (default: the config '
-                        'stored in --checkpoint)')
+    parser = argparse.ArgumentParser(
+        description='Report the state of every norm layer',
+        usage='%(prog)s CONFIG [--checkpoint CKPT] [--iters N] [--cfg-options k=v ...]')
+    # required, checked by load_model: its error says why a stored config is not used
+    parser.add_argument('config', nargs='?', help='config file (required, also with '
+                        '--checkpoint)')
     parser.add_argument('--checkpoint', help='checkpoint whose weights to load')
     parser.add_argument('--iters', type=int, default=0,
                         help='training iterations to run before reporting which '
@@ -34,8 +39,6 @@ def parse_args(argv=None):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value pairs')
     args = parser.parse_args(argv)
-    if args.config is None and args.checkpoint is None:
-        parser.error('give a CONFIG, a --checkpoint, or both')
     if args.iters < 0:
         parser.error(f'--iters must be >= 0, got {args.iters}')
     return args

@@ -2,6 +2,7 @@
 import os
 
 import torch
+from mmengine.fileio import load
 
 from conftest import SHORT, TOY_BN_CONFIG, data_root_options, run_tool
 
@@ -24,7 +25,9 @@ def test_train_save_evaluate_and_resume(tiny_synthetic, tmp_path):
     assert test.returncode == 0, test.stderr[-3000:]
     for metric in ('coco/bbox_mAP:', 'coco/bbox_mAP_50:', 'coco/bbox_mAP_75:'):
         assert metric in test.stdout
-    assert os.path.getsize(tmp_path / 'predictions.pkl') > 0
+    predictions = load(str(tmp_path / 'predictions.pkl'))  # mmdet's DumpDetResults format
+    assert len(predictions) == 8 and 'pred_instances' in predictions[0]
+    assert sorted(os.listdir(tmp_path)) == ['predictions.pkl', 'work']  # no temporary
 
     resumed = run_tool(['tools/train.py', TOY_BN_CONFIG, '--work-dir', work_dir, '--resume',
                         *options, 'train_cfg.max_iters=6', 'train_cfg.val_interval=6',

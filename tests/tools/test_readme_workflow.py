@@ -76,7 +76,8 @@ def test_readme_workflows_in_order(tiny_synthetic, tmp_path):
 
     # convert the BN checkpoint for EvalBN; test both: the same detector, the same numbers
     converted = osp.join(clone, 'evalbn_init.pth')
-    conv = tool('convert_checkpoint.py', bn_ckpt, converted, '--to', 'EvalBN')
+    conv = tool('convert_checkpoint.py', bn_ckpt, converted, '--to', 'EvalBN', '--config',
+                osp.join(DEMO_WORK_DIR, osp.basename(TOY_BN_CONFIG)))  # the one the run dumped
     assert 'eval-mode maps unchanged' in conv.stdout + conv.stderr
     assert backbone_norm_state(converted).keys() == before.keys()
     test_bn = tool('test.py', TOY_BN_CONFIG, bn_ckpt, *short)
