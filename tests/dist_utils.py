@@ -16,11 +16,17 @@ import torch.distributed as dist
 
 from mmdet_bnplug.testing.gloo import run_gloo as run_distributed  # noqa: F401
 
-# public collectives a layer could call; ``count_collectives`` wraps the ones that exist
+# collectives a layer could call: torch.distributed's functions and the process group's
+# own methods (which take a timeout); ``CollectiveCounter`` wraps the ones that exist
 COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor', 'all_gather_single',
                'all_gather_object', 'broadcast', 'reduce', 'reduce_scatter',
                'reduce_scatter_tensor', 'all_to_all', 'all_to_all_single', 'gather',
                'scatter', 'barrier')
+GROUP_COLLECTIVES = ('allreduce', 'allreduce_coalesced', 'allgather', 'allgather_coalesced',
+                     'all_gather_single', '_allgather_base', 'allgather_into_tensor_coalesced',
+                     'broadcast', 'reduce', 'reduce_scatter', 'reduce_scatter_single',
+                     '_reduce_scatter_base', 'alltoall', 'alltoall_base', 'gather', 'scatter',
+                     'barrier')
 
 
 def free_port():
@@ -49,7 +55,8 @@ def run_launcher(cmd, cwd, timeout, env=None):
 
 
 class CollectiveCounter:
-    """Counts outermost calls of ``torch.distributed`` collectives while installed."""
+    """Counts outermost calls of collectives (``torch.distributed``'s or a process
+    group's) while installed."""
 
     def __init__(self):
         self.calls = 0
@@ -67,14 +74,18 @@ class CollectiveCounter:
 
     @contextmanager
     def installed(self):
-        originals = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
-        for name, op in originals.items():
-            setattr(dist, name, self._wrap(op))
+        # the attributes as stored (a class's method descriptors, restored as they were)
+        originals = [(owner, name, vars(owner)[name])
+                     for owner, names in ((dist, COLLECTIVES),
+                                          (dist.ProcessGroup, GROUP_COLLECTIVES))
+                     for name in names if name in vars(owner)]
+        for owner, name, _ in originals:
+            setattr(owner, name, self._wrap(getattr(owner, name)))
         try:
             yield self
         finally:
-            for name, op in originals.items():
-                setattr(dist, name, op)
+            for owner, name, stored in originals:
+                setattr(owner, name, stored)
 
     def take(self):
         """Calls since the last ``take``."""

@@ -9,10 +9,22 @@ the gradient statistics, added up in rank order); both are ordinary ``torch.dist
 calls, so gloo on CPU and nccl on CUDA both work. Otherwise (eval mode, no process group,
 group of one rank) it is plain BN and communicates nothing.
 
+Ranks that disagree get an error, not a gloo abort or a hang. Once per layer and
+statistics dtype, before its first synchronised gather, the group exchanges a fixed-size
+row (the handshake, eager mode only); a channel count or statistics dtype that differs
+between ranks is a ``ValueError`` on every rank naming the layer and each rank's values.
+In eager mode on the CPU every wait for the group is bounded by ``sync_timeout`` (the
+process group's timeout if shorter), as a timeout of the collective itself: a rank in
+eval mode while another trains, or a rank that runs another branch or died, makes the
+waiting rank raise, naming the layer and the likely causes, and nothing is left pending.
+
 On CPU (eager) the per-call arithmetic is the compiled kernels of
 ``ops/csrc/sync_bn_cpu.cpp`` (``cpu_kernels``); elsewhere, under torch.compile, or
 without the build, the PyTorch implementation here computes the same.
 """
+import itertools
+import time
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.recompute import inside_backward
-from ._checks import check_bn_args
+from ._checks import check_bn_args, check_real
 from ._utils import cast, channel_view, reduce_dims, stat_dtype
 
 try:  # the compiled CPU kernels (setup.py builds them)
@@ -38,21 +50,80 @@ def _centred(x, mean):
     return x.to(mean.dtype) - channel_view(mean, x.dim())
 
 
-def _collective(op, what, *args, **kwargs):
-    """Run a collective; a failure (peer gone, timeout) becomes an error saying where."""
+def _rank_list(ranks):
+    """``[0, 1, 2, 5]`` -> ``'ranks 0-2, 5'``; one rank: ``'rank 3'``."""
+    runs = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ', '.join(f'{a}' if a == b else f'{a}, {b}' if b == a + 1 else f'{a}-{b}'
+                     for a, b in runs)
+    return f'rank{"s" if len(ranks) > 1 else ""} {text}'
+
+
+def _group_timeout(group, device):
+    """The process group's own timeout for collectives on ``device`` (timedelta), or None
+    where the backend does not say."""
     try:
-        op(*args, **kwargs)
+        return group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _wait_bound(layer, group, device):
+    """How long ``layer``'s collective on ``device`` may wait for ``group`` (seconds), or
+    None for the process group's own timeout: ``layer.sync_timeout`` on the CPU, capped by
+    the group's timeout. On other devices (nccl) a bounded wait would block the host on
+    every call, so the group's timeout and torch's watchdog apply."""
+    if layer.sync_timeout is None or device.type != 'cpu':
+        return None
+    own = _group_timeout(group, device)
+    return layer.sync_timeout if own is None else min(layer.sync_timeout, own.total_seconds())
+
+
+def _sync_failure(layer, what, group, waited, bound, err):
+    """The error for a failed collective: which layer, rank and rows, how long it waited,
+    and why that usually happens."""
+    limit = ("the process group's timeout" if bound is None
+             else f'{bound:g} s (sync_timeout={layer.sync_timeout}, or the '
+             "process group's timeout if shorter)")
+    ranks = _rank_list(dist.get_process_group_ranks(group))
+    return (f'{layer._sync_name()} on rank {dist.get_rank()}: waited {waited:.1f} s for '
+            f'{ranks} to all_gather {what}, then the collective failed; the bound is '
+            f'{limit}. In training mode every rank of the group must call the layer the '
+            'same number of times in the same order (a rank with an empty batch too). '
+            'Likely causes: a rank of the group is in eval mode while this one trains (eval '
+            'mode communicates nothing: call train()/eval() alike on every rank), a rank '
+            'runs a different model or branch, or a rank died or is stuck; a rank that is '
+            'legitimately slower than that (first iteration, data loading, saving a '
+            f'checkpoint) needs a larger sync_timeout. Cause: {err}')
+
+
+def _all_gather(output, tensor, group, what, layer=None):
+    """``output[r] = tensor`` of the group's rank r, in one all_gather. ``layer`` is the
+    calling PortableSyncBN in eager mode: it bounds the wait (``_wait_bound``), and a
+    failure (peer gone, timeout) becomes an error naming it and the likely causes.
+    ``layer=None``: torch.distributed's call alone (what torch.compile traces)."""
+    # ``all_gather_single`` replaces ``all_gather_into_tensor`` in recent torch
+    public = getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor
+    if layer is None:
+        public(output, tensor, group=group)
+        return
+    bound = _wait_bound(layer, group, tensor.device)
+    start = time.monotonic()
+    try:
+        if bound is None:
+            public(output, tensor, group=group)
+        else:  # torch.distributed's call takes no timeout; the group's own call does
+            opts = dist.distributed_c10d.AllgatherOptions()
+            opts.timeout, opts.asyncOp = float(bound), False  # seconds; blocking, as torch's
+            op = getattr(group, 'all_gather_single', None) or group._allgather_base
+            op(output, tensor, opts).wait()
     except RuntimeError as err:
-        raise RuntimeError(
-            f'PortableSyncBN: {what} failed. Every rank of the group must call the '
-            'layer the same number of times in the same order (a rank with an empty '
-            f'batch too). Cause: {err}') from err
-
-
-def _all_gather(output, tensor, group, what):
-    # ``all_gather_single`` replaces ``all_gather_into_tensor`` in recent torch.
-    op = getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor
-    _collective(op, f'all_gather of {what}', output, tensor, group=group)
+        raise RuntimeError(_sync_failure(layer, what, group, time.monotonic() - start,
+                                         bound, err)) from err
 
 
 def _process_group(group_size):
@@ -126,14 +197,53 @@ def _local_row(x):
     return torch.cat([mean.new_full((1, ), x.numel() // x.shape[1]), mean, m2])[None]
 
 
-def _gather_rows(local, group, what='batch statistics'):
+def _gather_rows(local, group, what='batch statistics', layer=None):
     """Every rank's row ``local`` (``(1, K)``) as ``(ranks, K)`` in rank order, in one
-    all_gather (``group=None``: this rank's). ``what`` names the rows in errors."""
+    all_gather (``group=None``: this rank's). ``what`` names the rows in errors; ``layer``
+    as in ``_all_gather``."""
     if group is None:
         return local
     gathered = local.new_empty(dist.get_world_size(group), local.shape[1])
-    _all_gather(gathered, local, group, what)
+    _all_gather(gathered, local, group, what, layer)
     return gathered
+
+
+# The handshake row, float64: [_HANDSHAKE_MARK, layer ordinal, channels, statistics bits].
+# 4 values: never the size of a forward row (2C + 1, odd); a backward row (2C) of the
+# same size does not start with the mark (nor does a forward row: counts are >= 0).
+_HANDSHAKE_MARK = -3.0e300
+_ORDINALS = itertools.count(1)  # PortableSyncBN layers numbered as they first synchronise
+
+
+def _check_agreement(layer, rows, group):
+    """Raise on every rank if the handshake rows ``(ranks, 4)`` (a list) disagree."""
+    marked = [row[0] == _HANDSHAKE_MARK for row in rows]
+    if all(marked) and len({(row[2], row[3]) for row in rows}) == 1:
+        return
+    ranks = dist.get_process_group_ranks(group)
+    if not all(marked):
+        strays = [r for r, ok in zip(ranks, marked) if not ok]
+        raise RuntimeError(
+            f'{layer._sync_name()} on rank {dist.get_rank()}: {_rank_list(strays)} sent '
+            "something other than this layer's handshake to the same all_gather: the ranks "
+            'call collectives in different orders (a rank in eval mode while others train, '
+            'or a different model or branch)')
+    values = {}
+    for r, (_, _, channels, bits) in zip(ranks, rows):
+        values.setdefault(f'{channels:.0f} channels float{bits:.0f}', []).append(r)
+    listed = '; '.join(f'{_rank_list(rs)}: {v}' for v, rs in values.items())
+    message = (f'{layer._sync_name()}: the ranks of its group disagree on the channel count '
+               f'or the statistics dtype, so their batch statistics cannot be combined: '
+               f'{listed}. Every rank must build the same model and run it in the same '
+               'dtype (statistics are float64 for float64 input, float32 otherwise).')
+    ordinals = {}
+    for r, row in zip(ranks, rows):
+        ordinals.setdefault(f'#{row[1]:.0f}', []).append(r)
+    if len(ordinals) > 1:
+        message += (' The ranks are at different PortableSyncBN layers too ('
+                    + '; '.join(f'{_rank_list(rs)}: {o}' for o, rs in ordinals.items())
+                    + '): a rank runs a different model or branch.')
+    raise ValueError(message)
 
 
 def _combine(gathered):
@@ -181,15 +291,16 @@ class _GlobalBatchNorm(torch.autograd.Function):
     ``dx = A * dy + B * (x - mean) + C`` per channel (one pass: on CPU the compiled
     kernel, on CUDA torch's SyncBN kernel; two passes elsewhere and under torch.compile),
     without ``xhat`` or any other full-size temporary. Saves only ``x``
-    (and per-channel vectors)."""
+    (and per-channel vectors). ``layer``: the calling PortableSyncBN in eager mode (it
+    bounds the backward's wait), None under torch.compile."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, invstd, count, group, eps):
+    def forward(ctx, x, weight, bias, mean, var, invstd, count, group, eps, layer):
         sd = mean.dtype
         if _fused_grad_input(x):  # that kernel reads x and dy in one memory format
             x = x.contiguous(memory_format=_memory_format(x))
         ctx.save_for_backward(x, weight, mean, invstd, count)
-        ctx.group = group
+        ctx.group, ctx.layer = group, layer
         if x.numel() == 0:  # BN's kernels refuse empty input; this rank still takes part
             return torch.empty_like(x)
         if _kernels_apply(x):
@@ -213,7 +324,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
             # summed over the group: every rank's row in one all_gather, added up here in
             # rank order (one exchange: on gloo half the latency of an all_reduce's two)
             sums = _gather_rows(torch.cat([sum_dy, sum_dy_xhat]).to(sd)[None], ctx.group,
-                                'gradient statistics').sum(0)
+                                'gradient statistics', ctx.layer).sum(0)
             if x.numel() == 0:
                 grad_x = torch.empty_like(x)
             elif _fused_grad_input(x):
@@ -238,16 +349,28 @@ class _GlobalBatchNorm(torch.autograd.Function):
             grad_w = cast(sum_dy_xhat, weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = cast(sum_dy, weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 @MODELS.register_module()
 class PortableSyncBN(_BatchNorm):
     """Synchronised BN for ``(N, C, *)`` input on any device and backend.
 
-    Args are those of ``nn.BatchNorm2d`` plus ``group_size`` (int or None): synchronise
-    within consecutive blocks of ``group_size`` ranks (None: all ranks). It must divide
-    the world size; 1 gives local BN on every rank.
+    Args are those of ``nn.BatchNorm2d`` plus
+
+    - ``group_size`` (int or None): synchronise within consecutive blocks of
+      ``group_size`` ranks (None: all ranks). It must divide the world size; 1 gives local
+      BN on every rank.
+    - ``sync_timeout`` (seconds > 0, or None): how long a training-mode call on the CPU
+      waits for the rest of its group before it raises (the process group's timeout if
+      that is shorter; None: only the process group's). The default, 600 s (nccl's default
+      process-group timeout), outlasts a slow first iteration, a data loading stall or
+      rank 0 saving a checkpoint. Under torch.compile, and on CUDA, the process group's
+      timeout applies.
+
+    Before its first synchronised gather (and again for another statistics dtype), the
+    layer checks in one all_gather of 4 numbers that every rank of the group has its
+    channel count and statistics dtype (eager mode; skipped under torch.compile).
 
     Gradients follow torch's ``SyncBatchNorm``: the input gradient is this rank's slice of
     BN's input gradient on the group's concatenated batch; the weight/bias gradients are
@@ -258,16 +381,23 @@ class PortableSyncBN(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, group_size=None, device=None, dtype=None):
+                 track_running_stats=True, group_size=None, sync_timeout=600.0, device=None,
+                 dtype=None):
         check_bn_args('PortableSyncBN', num_features, eps, momentum, affine,
                       track_running_stats)
         if group_size is not None and (isinstance(group_size, bool)
                                        or not isinstance(group_size, int) or group_size < 1):
             raise ValueError('PortableSyncBN: group_size must be None (all ranks) or a '
                              f'positive int dividing the world size, got {group_size!r}')
+        if sync_timeout is not None:
+            check_real('PortableSyncBN', 'sync_timeout', sync_timeout, lambda v: v > 0,
+                       'None or a finite number of seconds > 0')
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.group_size = group_size
+        self.sync_timeout = sync_timeout
+        self._ordinal = None  # number among the process's layers, at the first handshake
+        self._agreed = set()  # statistics dtypes (bits) the group has agreed on
 
     def _check_input_dim(self, x):
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -275,7 +405,30 @@ class PortableSyncBN(_BatchNorm):
                              f'(N, {self.num_features}, *), got {tuple(x.shape)}')
 
     def extra_repr(self):
-        return f'{super().extra_repr()}, group_size={self.group_size}'
+        return (f'{super().extra_repr()}, group_size={self.group_size}, '
+                f'sync_timeout={self.sync_timeout}')
+
+    def _sync_name(self):
+        """The layer in errors: ``PortableSyncBN #3 (64 channels)``, #3 being its place
+        among this process's PortableSyncBN layers in the order they first synchronised
+        (the same on every rank that runs the same model)."""
+        return f'PortableSyncBN #{self._ordinal} ({self.num_features} channels)'
+
+    def _handshake(self, x, group):
+        """Once per statistics dtype: check that every rank of ``group`` has this layer's
+        channel count and statistics dtype (one all_gather of a float64 ``(1, 4)`` row,
+        see ``_HANDSHAKE_MARK``); a mismatch is an error on every rank. The agreement is
+        kept on the module (not in the state dict)."""
+        bits = stat_dtype(x.dtype).itemsize * 8
+        if bits in self._agreed:
+            return
+        if self._ordinal is None:
+            self._ordinal = next(_ORDINALS)
+        row = torch.tensor([[_HANDSHAKE_MARK, self._ordinal, self.num_features, bits]],
+                           dtype=torch.float64, device=x.device)
+        rows = _gather_rows(row, group, 'the handshake (channel count, dtype)', self)
+        _check_agreement(self, rows.tolist(), group)
+        self._agreed.add(bits)
 
     def _sync_group(self):
         """Process group to synchronise with in this call, or None for plain BN."""
@@ -343,7 +496,10 @@ class PortableSyncBN(_BatchNorm):
             if x.numel() == 0:
                 return self._empty_output(x)
             return self._local_forward(x)
-        gathered = _gather_rows(_local_row(x), group)
+        layer = None if torch.compiler.is_compiling() else self  # bounds waits, names errors
+        if layer is not None:
+            self._handshake(x, group)
+        gathered = _gather_rows(_local_row(x), group, 'batch statistics', layer)
         total = None
         if _kernels_apply(x):  # statistics and the running update in one call
             running = ((self.running_mean, self.running_var, self.num_batches_tracked)
@@ -366,4 +522,4 @@ class PortableSyncBN(_BatchNorm):
                              f'the group in training, got input of shape {tuple(x.shape)} '
                              'on this rank and 1 value in total')
         return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, var, invstd, count,
-                                      group, self.eps)
+                                      group, self.eps, layer)

@@ -36,10 +36,11 @@ def affine_pair(dtype=torch.float64, momentum=0.1, dim=4):
 
 
 def global_bn(x, weight, bias, eps=1e-5):
-    """The synchronised code path with no process group: this process is the group."""
+    """The synchronised code path with no process group: this process is the group (and
+    no layer: nothing to bound or name)."""
     mean, var, count = global_batch_stats(x, None)
     return _GlobalBatchNorm.apply(x, weight, bias, mean, var, torch.rsqrt(var + eps), count,
-                                  None, eps)
+                                  None, eps, None)
 
 
 @pytest.mark.parametrize('shape', [(6, C), (3, C, 5), (2, C, 3, 4), (2, C, 2, 3, 2)])

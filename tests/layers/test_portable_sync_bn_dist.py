@@ -47,6 +47,12 @@ def init_affine(layer):
     return layer
 
 
+def synchronised_counts(steps, backward=1):
+    """Collectives per step (forward, backward) of a fresh synchronised layer: one each way,
+    plus the layer's handshake in the first forward."""
+    return [(1 + (step == 0), backward) for step in range(steps)]
+
+
 def run_steps(layer, sizes, dtype, rank, counter, autocast=False):
     """Forward/backward STEPS times on this rank's slice; tensors and collective counts."""
     out = []
@@ -161,7 +167,7 @@ def test_matches_bn_on_concatenated_batch(two_ranks, path, split, dtype):
     results = [res[path, split, dtype] for res in two_ranks]
     assert_matches_bn(results, SPLITS[split], dtype)
     for res in results:  # one collective per forward and per backward, empty rank too
-        assert [(s['fwd'], s['bwd']) for s in res['steps']] == [(1, 1)] * STEPS
+        assert [(s['fwd'], s['bwd']) for s in res['steps']] == synchronised_counts(STEPS)
 
 
 @pytest.mark.parametrize('split', EMULATED_SPLITS)
@@ -220,9 +226,10 @@ def test_eval_mode_is_plain_bn_without_collectives(two_ranks):
 
 def test_empty_batches_everywhere_no_hang_no_state_change(two_ranks):
     for res in two_ranks:
-        for step in res['all_empty']['steps']:
+        steps = res['all_empty']['steps']
+        assert [(s['fwd'], s['bwd']) for s in steps] == synchronised_counts(STEPS, 0)
+        for step in steps:
             assert step['y'].shape == (0, C) + SPATIAL
-            assert (step['fwd'], step['bwd']) == (1, 0)
             assert torch.equal(step['gw'], torch.zeros(C, dtype=torch.float64))
         state = res['all_empty']['state']
         assert state['num_batches_tracked'] == 0
