@@ -87,7 +87,13 @@ ROWS = {
                 label='GN (32 groups), 2 images'),
     'syncbn4x2': dict(norm='PortableSyncBN', where='backbone', images_per_gpu=2,
                       processes=4, config='retinanet_r18_fpn_syncbn_toy.py',
-                      label='PortableSyncBN, 4 gloo processes x 2 images'),
+                      custom_hooks=[],
+                      label="PortableSyncBN, 4 gloo processes x 2 images, each rank's loss "
+                            "over its own positive anchors"),
+    'syncbn4x2_global': dict(norm='PortableSyncBN', where='backbone', images_per_gpu=2,
+                             processes=4, config='retinanet_r18_fpn_syncbn_toy.py',
+                             label='PortableSyncBN, 4 gloo processes x 2 images, loss '
+                                   'normalisers global (GlobalLossNormHook)'),
     'evalbn2': dict(norm='EvalBN', where='backbone', images_per_gpu=2, processes=1,
                     config='retinanet_r18_fpn_evalbn_toy.py', finetune_from='bn8',
                     label='EvalBN, fine-tuned at 2 from BN at 8'),
@@ -215,7 +221,9 @@ def run_config_text(args, row, seed, sched, load_from=None, diag=None):
                  f"         milestones={sched['milestones']!r}, gamma=0.1)]\n")
     lines.append(f"default_hooks = dict(logger=dict(interval={log_interval}),\n"
                  f"    checkpoint=dict(interval={iters}, max_keep_ckpts=1))\n")
-    if is_diag:
+    if 'custom_hooks' in row:  # the row's own (an empty list: none of its config's)
+        lines.append(f"custom_hooks = {row['custom_hooks']!r}\n")
+    elif is_diag:
         lines.append("custom_hooks = [dict(type='StalenessHook')]\n")
     elif row['norm'] == 'EvalBN':
         lines.append("custom_hooks = [dict(type='NormEvalCheckHook', interval=50, "

@@ -44,9 +44,11 @@ class UnsupportedHere(InputError, RuntimeError):
 
 
 def run(main, argv=None) -> None:
-    """Call ``main(argv)``; an :class:`InputError` becomes ``error: ...`` and exit code 2."""
+    """Call ``main(argv)`` and exit with the code it returns (None: 0); an
+    :class:`InputError` becomes ``error: ...`` and exit code 2."""
     try:
-        main(argv)
+        code = main(argv)
     except InputError as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
+    sys.exit(code or 0)

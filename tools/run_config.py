@@ -40,15 +40,23 @@ def add_common_args(parser):
     return parser
 
 
+def read_config(path, cfg_options=None):
+    """The config file at ``path`` with ``cfg_options`` merged (MissingInput if absent)."""
+    if not osp.isfile(path):
+        raise MissingInput(f'config file not found: {path!r}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
 def load_config(args):
     """Read ``args.config``, apply ``--cfg-options``, launcher and work dir; return it."""
     if not osp.isfile(args.config):
         raise MissingInput(f'config file not found: {args.config!r}')
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir

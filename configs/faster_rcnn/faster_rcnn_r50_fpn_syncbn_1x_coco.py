@@ -5,3 +5,7 @@ _base_ = './faster_rcnn_r50_fpn_bn_1x_coco.py'
 
 model = dict(backbone=dict(norm_cfg=dict(type='PortableSyncBN', requires_grad=True),
                            norm_eval=False))
+# every rank's loss over the group's mean count (positive anchors, sampled RoIs, masks),
+# not its own: with it, N processes x b images take one big batch's step (RoI sampling
+# aside; docs/sync_bn.md, tools/check_sync.py)
+custom_hooks = [dict(type='GlobalLossNormHook')]

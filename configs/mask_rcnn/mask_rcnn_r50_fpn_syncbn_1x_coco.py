@@ -12,3 +12,7 @@ model = dict(
         bbox_head=dict(type='Shared4Conv1FCBBoxHead', conv_out_channels=256,
                        norm_cfg=norm_cfg),
         mask_head=dict(norm_cfg=norm_cfg)))
+# every rank's loss over the group's mean count (positive anchors, sampled RoIs, masks),
+# not its own: with it, N processes x b images take one big batch's step (RoI sampling
+# aside; docs/sync_bn.md, tools/check_sync.py)
+custom_hooks = [dict(type='GlobalLossNormHook')]
