@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard mmdet_bnplug/ops/csrc/*) Makefile
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \
 		MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$$(nproc) \
 		$(PIP) install --no-build-isolation '$(MMCV_SPEC)'
-	$(PIP) install --no-build-isolation -e '.[dev,mmseg]'
+	$(PIP) install --no-build-isolation -e '.[dev,mmseg,deploy]'
 	$(PY) -c "import mmcv.ops, mmdet, mmdet_bnplug.ops.mabn as m, mmdet_bnplug.layers.portable_sync_bn as s; print('installed: mmcv', mmcv.__version__, '(with ops), mmdet', mmdet.__version__, '; compiled CPU kernels of MABN and PortableSyncBN:', m.cpu_kernels is not None, s.cpu_kernels is not None); assert m.cpu_kernels is not None and s.cpu_kernels is not None, 'CPU kernels not built'"
 	touch $(STAMP)
 

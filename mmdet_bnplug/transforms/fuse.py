@@ -182,6 +182,10 @@ def _verified_on_probe(model, pairs, probe, atol):
     return kept if whole_model_exact(kept) else []
 
 
+# norms whose eval output depends on the sample itself: no fixed map to fold
+_RUNTIME_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
 def fuse_norm(model: nn.Module, example_inputs=None, forward=None,
               atol: float = 1e-5) -> nn.Module:
     """Fold every foldable norm into the conv that feeds it, in place; for inference.
@@ -204,8 +208,25 @@ def fuse_norm(model: nn.Module, example_inputs=None, forward=None,
         forward: ``forward(model, *example_inputs)``; default ``model(*example_inputs)``.
         atol: largest accepted relative change of an output on the probe.
 
-    Norms left unfused are logged, with the reason.
+    Norms left unfused are logged, with the reason (:func:`fuse_norm_report`).
     """
+    unfused = fuse_norm_report(model, example_inputs, forward, atol)
+    if unfused:
+        by_reason = {}
+        for name, reason in unfused.items():
+            by_reason.setdefault(reason, []).append(name or '<root>')
+        print_log('fuse_norm: norm layers not fused: ' + '; '.join(
+            f'{len(names)} ({reason}): {", ".join(names)}'
+            for reason, names in by_reason.items()), logger='current', level=logging.WARNING)
+    return model
+
+
+def fuse_norm_report(model: nn.Module, example_inputs=None, forward=None,
+                     atol: float = 1e-5) -> dict:
+    """:func:`fuse_norm` without the log: folds in place and returns ``{module name: why
+    it is left}`` for every norm layer left unfused (BN-like layers and layers that
+    normalise with per-sample statistics: GroupNorm, LayerNorm, InstanceNorm), in
+    ``named_modules()`` order."""
     candidates = _candidates(model)
     proven = [key for key, is_proven in candidates.items() if is_proven]
     unproven = [key for key, is_proven in candidates.items() if not is_proven]
@@ -221,16 +242,15 @@ def fuse_norm(model: nn.Module, example_inputs=None, forward=None,
         reason = ('registered after a conv, but the data flow is unproven; pass '
                   'example_inputs to verify it on a probe input')
     _fold(model, to_fold)
-    messages = []
-    if refused:
-        names = ', '.join('.'.join(filter(None, (p, n))) for p, _, n in refused)
-        messages.append(f'{len(refused)} left unfused ({reason}): {names}')
+    refused = {'.'.join(filter(None, (p, n))): reason for p, _, n in refused}
     fed = {'.'.join(filter(None, (p, n))) for p, _, n in candidates}
-    others = [n for n, m in model.named_modules() if _is_norm(m) and n not in fed]
-    if others:
-        messages.append(f'{len(others)} with no plain conv registered just before them: '
-                        + ', '.join(others))
-    if messages:
-        print_log('fuse_norm: norm layers not fused: ' + '; '.join(messages),
-                  logger='current', level=logging.WARNING)
-    return model
+    unfused = {}
+    for name, module in model.named_modules():
+        if name in refused:
+            unfused[name] = refused[name]
+        elif _is_norm(module) and name not in fed:
+            unfused[name] = 'no plain conv registered just before it'
+        elif isinstance(module, _RUNTIME_NORMS):
+            unfused[name] = (f'{type(module).__name__} normalises with per-sample '
+                             'statistics at run time: not foldable')
+    return unfused

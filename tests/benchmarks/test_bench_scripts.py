@@ -111,5 +111,24 @@ def test_bench_toy_quick(tmp_path):
         assert left == '0'
 
 
+def test_bench_export_quick(tmp_path):
+    out = tmp_path / 'report.md'
+    proc = run_tool(['-m', 'benchmarks.bench_export', '--quick', '--out', str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text in proc.stdout
+    found = tables(text)
+    variants = ['BN', 'ConvWC+MABN', 'EvalBN', 'PortableSyncBN', 'GN']
+    summary = table(found, 'Summary')
+    assert list(summary) == ['variant'] + variants and summary['BN'] == ['1.000']
+    rows = table(found, '1x3x64x64, 1 thread')
+    assert list(rows)[1:] == variants
+    for variant in variants:
+        nodes, *times, error = rows[variant]
+        assert nodes == ('20' if variant == 'GN' else '0')  # GN: one per layer, unfolded
+        assert all(positive(cell) for cell in times)
+        assert float(error) <= 1e-4
+
+
 if __name__ == '__main__':
     pytest.main([__file__, '-q'])

@@ -9,7 +9,7 @@ from mmdet.models.layers import FrozenBatchNorm2d
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401
-from mmdet_bnplug.transforms import convert_norm, fuse_norm
+from mmdet_bnplug.transforms import convert_norm, fuse_norm, fuse_norm_report
 from mmdet_bnplug.utils.bn_like import bn_like_layers
 from norm_helpers import StandInConvWC, StandInMABN, max_rel_err, randomise_norms
 
@@ -90,3 +90,13 @@ def test_real_convwc_and_mabn_resnet():
     fused, err = fused_vs_plain(model, torch.randn(2, 3, 64, 64))
     assert err < 1e-5 and not bn_like_layers(fused)
     assert type(fused.conv1) is nn.Conv2d and type(fused.layer1[0].conv2) is nn.Conv2d
+
+
+def test_report_says_why_each_norm_is_left():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 8, 1), nn.GroupNorm(2, 8))
+    left = fuse_norm_report(model)
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.Identity
+    assert left == {'3': 'no plain conv registered just before it',
+                    '5': 'GroupNorm normalises with per-sample statistics at run time: '
+                         'not foldable'}
