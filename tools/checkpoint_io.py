@@ -19,11 +19,10 @@ import threading
 from cli import BadValue, MissingInput, UnwritableOutput
 
 import torch
-from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.registry import MODELS, DefaultScope
 
-from run_config import check_norm_types
+from run_config import check_norm_types, read_config
 
 CONFIG_NEEDED = (
     "a config file is needed: the config stored in a checkpoint (meta['cfg']) is not used, "
@@ -160,9 +159,7 @@ def load_model(config, checkpoint=None, cfg_options=None, strict=False):
         raise MissingInput(f'config file not found: {config!r}')
     if checkpoint is not None and not osp.isfile(checkpoint):
         raise MissingInput(f'checkpoint file not found: {checkpoint!r}')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = read_config(config, cfg_options)
     check_norm_types(cfg.get('model', {}))
     ckpt = None
     if checkpoint is not None:
@@ -170,7 +167,12 @@ def load_model(config, checkpoint=None, cfg_options=None, strict=False):
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
         model = MODELS.build(cfg.model)
     if ckpt is not None:
-        result = model.load_state_dict(ckpt.get('state_dict', ckpt), strict=strict)
+        try:
+            result = model.load_state_dict(ckpt.get('state_dict', ckpt), strict=strict)
+        except RuntimeError as err:  # strict: missing/unexpected keys or other shapes
+            first = str(err).splitlines()[1:3]
+            raise BadValue(f'checkpoint {checkpoint!r} does not fit the model of {config!r}: '
+                           + ' '.join(line.strip() for line in first)[:600]) from err
         if result.missing_keys or result.unexpected_keys:
             print_log(f'checkpoint/model mismatch: missing {result.missing_keys}, '
                       f'unexpected {result.unexpected_keys}', logger='current',

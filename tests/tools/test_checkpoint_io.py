@@ -2,6 +2,7 @@
 anything but a regular file, and never leave a half-written output."""
 import errno
 import os
+import os.path as osp
 import shlex
 import signal
 import stat
@@ -218,3 +219,10 @@ def test_save_replaces_a_link_not_its_target(tmp_path):
     checkpoint_io.save_atomic({'new': 2}, str(tmp_path / 'link.pth'))
     assert torch.load(str(target)) == {'keep': 1}
     assert torch.load(str(tmp_path / 'link.pth')) == {'new': 2}
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_one_error(trained_toy):
+    """A strict load of the BN RetinaNet's checkpoint into the toy Mask R-CNN."""
+    mask_rcnn = osp.join(REPO, 'configs', 'toy', 'mask_rcnn_r18_fpn_bn_toy.py')
+    with pytest.raises(InputError, match='does not fit the model of .*mask_rcnn.*Missing'):
+        checkpoint_io.load_model(mask_rcnn, trained_toy[2], strict=True)
