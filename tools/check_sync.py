@@ -1,7 +1,7 @@
 """Does N processes x b images train like 1 process x N*b images? One training step both ways.
 
-    python tools/check_sync.py CONFIG [--procs 4] [--batch 8] [--double] [--rtol R]
-        [--seed 0] [--cfg-options k=v ...]
+    python tools/check_sync.py CONFIG [--procs 4] [--batch 8] [--double] [--steps K]
+        [--rtol R] [--seed 0] [--cfg-options k=v ...]
 
 From the same initial weights and the same global batch (the config's train dataloader,
 seeded alike in every process; ``--batch`` images, default the config's batch size), runs
@@ -10,7 +10,9 @@ config's norms; gradients averaged as DDP does) and as one process with all of t
 (where PortableSyncBN is plain BN), then prints the relative differences of each norm
 layer's output and running statistics, of the losses and of the gradients by part, the
 first place where the two part and the likely cause (norm statistics, loss
-normalisation, padding to different batch shapes, random sampling, dropout). Exit code 0
+normalisation, padding to different batch shapes, random sampling, dropout). With
+``--steps K`` both then train K iterations with the config's optimizer and the final
+weights and buffers are compared too. Exit code 0
 when every difference is within ``--rtol``, 1 beyond it, 2 for bad input.
 """
 import argparse
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument('--rtol', type=float,
                         help='largest accepted relative difference (default 1e-6 with '
                         '--double, else 1e-4)')
+    parser.add_argument('--steps', type=int, default=0,
+                        help="then this many training iterations both ways with the config's "
+                        'optimizer (clipping included, lr at its base value), each on the '
+                        'next global batch, and compare the weights and buffers (default 0)')
     parser.add_argument('--seed', type=int, default=0, help='weights and data seed')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value pairs')
@@ -59,6 +65,8 @@ def main(argv=None):
                            'batch from the config\'s train dataloader')
     check_datasets(cfg, ['train_dataloader'])
     batch = args.batch if args.batch is not None else cfg.train_dataloader.get('batch_size')
+    if args.steps < 0:
+        raise cli.BadValue(f'--steps must be >= 0, got {args.steps}')
     if args.procs < 2:
         raise cli.BadValue(f'--procs must be >= 2, got {args.procs}')
     if not isinstance(batch, int) or batch < 1 or batch % args.procs:
@@ -68,7 +76,8 @@ def main(argv=None):
     quiet_logs()
     rtol = args.rtol if args.rtol is not None else (1e-6 if args.double else 1e-4)
     try:
-        reference, ranks = run_sync_check(cfg, args.procs, batch, args.seed, args.double)
+        reference, ranks = run_sync_check(cfg, args.procs, batch, args.seed, args.double,
+                                          steps=args.steps)
     except RuntimeError as err:
         if args.double and 'Double' in str(err):
             raise cli.UnsupportedHere(
@@ -83,7 +92,10 @@ def main(argv=None):
     print(format_comparison(comparison, rtol))
     first, cause = diagnose(comparison, cfg, build_model(cfg), rtol)
     if first is None:
-        print(f'\nequal within {rtol:g}: every norm output and statistic, loss and gradient')
+        after = f', and after {args.steps} optimizer steps every weight and buffer' \
+            if args.steps else ''
+        print(f'\nequal within {rtol:g}: every norm output and statistic, loss and '
+              f'gradient{after}')
         return 0
     print(f'\nfirst difference beyond {rtol:g}: {first}\nlikely cause: {cause}')
     return 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from mmengine.logging import MMLogger
 from mmengine.registry import DATASETS, FUNCTIONS, MODELS, init_default_scope
 from mmengine.runner.utils import set_random_seed
@@ -43,6 +44,7 @@ class StepRecord:
     norms: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
     grads: dict = field(default_factory=dict)
+    trained: dict = field(default_factory=dict)  # state_dict after the optimizer steps
 
 
 def uses_fix(cfg) -> bool:
@@ -134,12 +136,43 @@ def training_step(model, batch: dict, double=False) -> StepRecord:
     return StepRecord(tuple(data['inputs'].shape), norms, losses, grads)
 
 
+def optimizer_steps(model, cfg, batch_size: int, seed: int, steps: int, double=False) -> dict:
+    """``steps`` training iterations with the config's optimizer wrapper (gradient
+    clipping included; the learning rate at its base value, no scheduler), each on the
+    next global batch (seeds ``seed + 1``, ...) or, in a process group, this rank's slice
+    of it with the gradients averaged over the ranks as DDP averages them. The
+    state_dict after them (floating-point entries)."""
+    from mmengine.optim import build_optim_wrapper
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    distributed = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    per_rank = batch_size // world
+    for step in range(steps):
+        batch = global_batch(cfg, batch_size, seed + 1 + step)
+        batch = batch_slice(batch, rank * per_rank, (rank + 1) * per_rank)
+        data = model.data_preprocessor(batch, True)
+        if double:
+            data['inputs'] = data['inputs'].double()
+        optim_wrapper.zero_grad()
+        model.parse_losses(model(**data, mode='loss'))[0].backward()
+        if world > 1:
+            for param in model.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad /= world
+        optim_wrapper.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if v.dtype.is_floating_point}
+
+
 def _input_checksum(batch) -> float:
     return float(sum(img.double().sum() for img in batch['inputs']))
 
 
-def _rank_step(rank, world_size, cfg, weights_path, batch_size, seed, double, checksum):
-    """One rank's step on its slice of the global batch (run by :func:`run_sync_check`)."""
+def _rank_step(rank, world_size, cfg, weights_path, batch_size, seed, double, checksum,
+               steps):
+    """One rank's step on its slice of the global batch, then ``steps`` optimizer steps
+    (run by :func:`run_sync_check`)."""
     quiet_logs()
     model = build_model(cfg, torch.load(weights_path, map_location='cpu',
                                         weights_only=True), double)
@@ -148,14 +181,19 @@ def _rank_step(rank, world_size, cfg, weights_path, batch_size, seed, double, ch
         raise RuntimeError('check_sync: this process drew other images than the first '
                            '(the dataloader is not deterministic under a fixed seed)')
     per_rank = batch_size // world_size
-    return training_step(model, batch_slice(batch, rank * per_rank, (rank + 1) * per_rank),
-                         double)
+    record = training_step(model, batch_slice(batch, rank * per_rank,
+                                              (rank + 1) * per_rank), double)
+    if steps:
+        record.trained = optimizer_steps(model, cfg, batch_size, seed, steps, double)
+    return record
 
 
-def run_sync_check(cfg, procs: int, batch_size: int, seed=0, double=False, timeout=1800):
+def run_sync_check(cfg, procs: int, batch_size: int, seed=0, double=False, timeout=1800,
+                   steps=0):
     """``(reference, ranks)``: the 1-process step on ``batch_size`` images and the
     ``procs`` gloo ranks' steps on ``batch_size // procs`` images each, from the same
-    initial weights and the same global batch."""
+    initial weights and the same global batch; then, both ways, ``steps`` optimizer
+    steps on the next global batches (:func:`optimizer_steps`)."""
     if procs < 2 or batch_size % procs:
         raise ValueError(f'procs={procs} must be >= 2 and divide the global batch '
                          f'{batch_size}')
@@ -164,11 +202,13 @@ def run_sync_check(cfg, procs: int, batch_size: int, seed=0, double=False, timeo
     with tempfile.TemporaryDirectory() as tmp:
         weights = osp.join(tmp, 'weights.pth')
         torch.save(model.state_dict(), weights)
-        reference = training_step(build_model(cfg, model.state_dict(), double), batch,
-                                  double)
+        one = build_model(cfg, model.state_dict(), double)
+        reference = training_step(one, batch, double)
+        if steps:
+            reference.trained = optimizer_steps(one, cfg, batch_size, seed, steps, double)
         threads = max(1, (os.cpu_count() or 1) // procs)
         ranks = run_gloo(_rank_step, procs, args=(cfg, weights, batch_size, seed, double,
-                                                  _input_checksum(batch)),
+                                                  _input_checksum(batch), steps),
                          timeout=timeout, pg_timeout=timeout, threads=threads)
     return reference, ranks
 
@@ -190,12 +230,14 @@ class Comparison:
     """Relative differences, ranks against the reference: ``shapes`` per rank and the
     reference's; ``norms`` name -> {'output'|'running_mean'|'running_var': diff} (None
     where shapes differ); ``losses`` name -> (ranks' mean, reference, diff); ``grads``
-    part -> diff of the DDP-averaged gradient."""
+    part -> diff of the DDP-averaged gradient; ``trained`` part -> worst diff over the
+    ranks of the weights and buffers after the optimizer steps (empty without)."""
     rank_shapes: list
     reference_shape: tuple
     norms: dict
     losses: dict
     grads: dict
+    trained: dict = field(default_factory=dict)
 
 
 def compare(reference: StepRecord, ranks: list) -> Comparison:
@@ -224,8 +266,12 @@ def compare(reference: StepRecord, ranks: list) -> Comparison:
                                 diff_sq + (averaged - grad).double().square().sum().item())
     grads = {part: math.sqrt(d) / math.sqrt(r) if r > 0 else 0.0
              for part, (r, d) in by_part.items()}
+    trained = {}
+    for name, value in reference.trained.items():
+        diff = max(relative(r.trained[name], value) for r in ranks)
+        trained[_part(name)] = max(trained.get(_part(name), 0.0), diff)
     return Comparison([r.input_shape for r in ranks], reference.input_shape, norms, losses,
-                      grads)
+                      grads, trained)
 
 
 def _samplers(cfg):
@@ -263,11 +309,11 @@ def diagnose(comparison: Comparison, cfg, model, rtol: float):
             if not diff <= rtol:
                 first = f'loss {name}: {diff:.2e}'
                 break
-    if first is None:
-        for part, diff in comparison.grads.items():
-            if not diff <= rtol:
-                first = f'gradients of {part}: {diff:.2e}'
-                break
+    for what, diffs in (('gradients', comparison.grads),
+                        ('weights and buffers after the optimizer steps', comparison.trained)):
+        for part, diff in diffs.items():
+            if first is None and not diff <= rtol:
+                first = f'{what} of {part}: {diff:.2e}'
     if first is None:
         return None, None
     if padding:
@@ -326,4 +372,8 @@ def format_comparison(comparison: Comparison, rtol: float) -> str:
     lines += ['', f'{"gradients (DDP average), by part":44s} {"rel. L2 diff":>14s}']
     for part, diff in comparison.grads.items():
         lines.append(f'{part:44s} {flag(diff):>14s}')
+    if comparison.trained:
+        lines += ['', f'{"after the optimizer steps, by part":44s} {"rel. L2 diff":>14s}']
+        for part, diff in comparison.trained.items():
+            lines.append(f'{part:44s} {flag(diff):>14s}')
     return '\n'.join(lines)

@@ -25,9 +25,10 @@ def _config(tmp_path, text, name='cfg.py'):
     return Config.fromfile(str(path))
 
 
-def _step(cfg, procs, batch, double):
+def _step(cfg, procs, batch, double, steps=0):
     quiet_logs()
-    reference, ranks = run_sync_check(cfg, procs, batch, double=double, timeout=900)
+    reference, ranks = run_sync_check(cfg, procs, batch, double=double, timeout=900,
+                                      steps=steps)
     comparison = compare(reference, ranks)
     return comparison, diagnose(comparison, cfg, build_model(cfg), 1e-8 if double else 1e-4)
 
@@ -38,13 +39,16 @@ def _worst_grad(comparison):
 
 def test_retinanet_4x2_with_the_fix_equals_1x8(tmp_path):
     """The shipped PortableSyncBN toy (with GlobalLossNormHook): every norm output and
-    statistic, loss and gradient part within 1e-8 relative of BN on the 8 images; the
-    same step without the hook differs by more than 1e-2 (the trap), and the checker
+    statistic, loss and gradient part within 1e-8 relative of BN on the 8 images, and so
+    is every weight and buffer after 2 more iterations of the config's AdamW with
+    clipping; the same step without the hook differs by more than 1e-2 (the trap), and the checker
     names the per-rank loss normalisation as the cause."""
     cfg = Config.fromfile(SYNC_RETINANET)
-    comparison, (first, cause) = _step(cfg, 4, 8, double=True)
+    comparison, (first, cause) = _step(cfg, 4, 8, double=True, steps=2)
     assert first is None, (first, cause)
-    assert set(comparison.grads) == {'backbone', 'neck', 'bbox_head'}
+    assert set(comparison.grads) == set(comparison.trained) == {'backbone', 'neck',
+                                                                 'bbox_head'}
+    assert max(comparison.trained.values()) < 1e-8
     assert _worst_grad(comparison) < 1e-8
     assert all(v < 1e-8 for row in comparison.norms.values() for v in row.values())
     assert all(d < 1e-8 for *_, d in comparison.losses.values())
