@@ -1,11 +1,12 @@
 """Shared fixtures: paths of the repository, a tiny synthetic dataset, one thread,
-MABN's two training paths, PortableSyncBN's two CPU paths."""
+MABN's two training paths, PortableSyncBN's two CPU paths; the ``cuda`` marker."""
 import os
 import os.path as osp
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmdet_bnplug.testing.synthetic import SyntheticSpec, generate
 from mmdet_bnplug.testing.threads import torch_threads
@@ -14,6 +15,20 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # the tools' own support modules (run_config, checkpoint_io) are imported as the tools do
 sys.path.insert(0, osp.join(REPO, 'tools'))
 TOY_BN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_bn_toy.py')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device, skipped without one; '
+                            'benchmarks/gpu_check.sh runs exactly these tests')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without CUDA, every test marked ``cuda`` is skipped."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker('cuda'):
+            item.add_marker(pytest.mark.skip(reason='needs CUDA'))
 
 
 @pytest.fixture
@@ -85,6 +100,12 @@ def data_root_options(root):
             f'test_dataloader.dataset.data_root={root}',
             f'val_evaluator.ann_file={root}annotations/val.json',
             f'test_evaluator.ann_file={root}annotations/val.json']
+
+
+def pythonpath(directory):
+    """A PYTHONPATH value with ``directory`` before the current one (for subprocesses that
+    import a test-only module from there)."""
+    return os.pathsep.join(filter(None, [directory, os.environ.get('PYTHONPATH')]))
 
 
 def run_tool(args, timeout=600, env=None, cwd=REPO):

@@ -3,13 +3,16 @@
 ``run_distributed(fn, world_size)`` is ``benchmarks.gloo_spawn.run_gloo``: it spawns
 ``world_size`` processes, initialises a gloo process group in each, calls
 ``fn(rank, world_size, *args)`` and returns the per-rank results.
-``run_launcher(cmd)`` runs a launcher script (torchrun and its workers). Both are
-bounded in time: on a child's error or on the deadline every child is killed.
+``run_launcher(cmd)`` runs a launcher script (torchrun and its workers);
+``launched(runs)`` starts several side by side (the nodes of one multi-node run) and
+``wait_all`` waits for them. All are bounded in time: on a child's error or on the
+deadline every child is killed, torchrun's workers included (``kill_tree``).
 """
 import os
 import signal
 import socket
 import subprocess
+import time
 from contextlib import contextmanager
 
 import torch.distributed as dist
@@ -36,22 +39,78 @@ def free_port():
         return s.getsockname()[1]
 
 
+def _descendants(pid):
+    """``pid`` and every process below it (Linux /proc), parents first."""
+    found = [pid]
+    try:
+        for task in os.listdir(f'/proc/{pid}/task'):
+            with open(f'/proc/{pid}/task/{task}/children') as f:
+                for child in f.read().split():
+                    found += _descendants(int(child))
+    except FileNotFoundError:  # it has ended
+        pass
+    return found
+
+
+def kill_tree(pid, sig=signal.SIGKILL):
+    """Send ``sig`` to ``pid`` and all its descendants, found before any is signalled:
+    torchrun starts each worker in a session of its own, out of reach of ``killpg``."""
+    for member in _descendants(pid):
+        try:
+            os.kill(member, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _start(cmd, cwd, env, **streams):
+    return subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, **(env or {})), text=True,
+                            start_new_session=True, **streams)
+
+
 def run_launcher(cmd, cwd, timeout, env=None):
-    """Run ``cmd`` (e.g. tools/dist_train.sh ...) in its own process group; on the
-    deadline the whole group (torchrun and its workers) is killed. CompletedProcess."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, **(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    """Run ``cmd`` (e.g. tools/dist_train.sh ...); on the deadline it is killed with
+    everything it started (torchrun and its workers). CompletedProcess."""
+    proc = _start(cmd, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         raise TimeoutError(f'{cmd} did not finish within {timeout} s:\n{stderr[-3000:]}')
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@contextmanager
+def launched(runs, cwd, log_dir):
+    """Start every ``(cmd, env)`` of ``runs`` side by side, the output of the i-th (stdout
+    and stderr) into ``log_dir/launcher<i>.log``; yields the Popens. On exit whatever is
+    still running is killed with everything it started."""
+    procs = []
+    try:
+        for i, (cmd, env) in enumerate(runs):
+            with open(os.path.join(log_dir, f'launcher{i}.log'), 'w') as log:
+                procs.append(_start(cmd, cwd, env, stdout=log, stderr=subprocess.STDOUT))
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+            proc.wait()
+
+
+def wait_all(procs, timeout):
+    """The return codes of ``procs`` once every one has ended; TimeoutError if that takes
+    longer than ``timeout`` seconds (``launched`` then kills them)."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f'{proc.args} did not finish within {timeout} s') from None
+    return [proc.returncode for proc in procs]
 
 
 class CollectiveCounter:

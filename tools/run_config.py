@@ -1,4 +1,4 @@
-"""Loading and checking a run's config for ``tools/train.py`` and ``tools/test.py``, and
+"""Loading and checking a run's config for ``tools/train.py`` and ``tools/test.py``,
 building and closing their run.
 
 mmdet 3.x conventions (``--work-dir``, ``--cfg-options``, ``--launcher``); on top of them,

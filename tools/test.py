@@ -14,7 +14,14 @@ from mmengine.fileio import dump
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin; configs need no custom_imports)
 from checkpoint_io import check_output_path, write_atomic
-from run_config import add_common_args, build_runner, check_datasets, close_distributed, load_config
+from rank_watch import watch_ranks
+from run_config import (
+    add_common_args,
+    build_runner,
+    check_datasets,
+    close_distributed,
+    load_config,
+)
 from run_summary import summary_line
 
 
@@ -51,7 +58,8 @@ def main(argv=None):
         keep = KeepDetResults(out_file_path=args.out)
         runner.test_evaluator.metrics.append(keep)
     start = time.monotonic()
-    metrics = runner.test()
+    with watch_ranks():
+        metrics = runner.test()
     if runner.rank == 0:
         if args.out is not None:
             write_atomic(args.out, lambda f: dump(keep.predictions, f, file_format='pkl'),

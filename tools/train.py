@@ -6,6 +6,7 @@ import time
 import cli
 
 import mmdet_bnplug  # noqa: F401  (registers the plugin: configs need no custom_imports)
+from rank_watch import watch_ranks
 from run_config import (
     add_common_args,
     build_runner,
@@ -46,13 +47,14 @@ def main(argv=None):
     runner = build_runner(cfg)
     summary = RunSummaryHook()
     runner.register_hook(summary)
-    runner.train()
+    with watch_ranks():
+        runner.train()
+        close_distributed()
     if runner.rank == 0:
         print(summary_line(f'trained {args.config}', summary.metrics,
                            time.monotonic() - summary.start, runner.iter,
                            cfg.get('model', {}).get('test_cfg', {}).get('score_thr')),
               flush=True)
-    close_distributed()
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 """Run a function on several gloo processes on one machine, bounded in time.
 
 ``run_gloo(fn, world_size)`` spawns ``world_size`` processes, initialises a gloo process
-group in each (file rendezvous, so no port can clash with a concurrent run), calls
+group in each (file rendezvous, so no port can clash with a concurrent run; with
+``backend='nccl'`` an nccl group, rank r on GPU r), calls
 ``fn(rank, world_size, *args)``, destroys the group and returns the per-rank results.
 On a child's error or on the deadline every child is killed. Used by the small-batch
 study and by the distributed tests.
@@ -16,9 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank, fn, world_size, init_file, out_dir, pg_timeout, threads, args):
+def _entry(rank, fn, world_size, init_file, out_dir, pg_timeout, threads, args, backend):
     torch.set_num_threads(threads)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+    if backend == 'nccl':
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f'file://{init_file}', rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=pg_timeout))
     try:
         result = fn(rank, world_size, *args)
@@ -28,17 +31,19 @@ def _entry(rank, fn, world_size, init_file, out_dir, pg_timeout, threads, args):
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
 
 
-def run_gloo(fn, world_size=2, args=(), timeout=120, pg_timeout=30, threads=1):
+def run_gloo(fn, world_size=2, args=(), timeout=120, pg_timeout=30, threads=1,
+             backend='gloo'):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks of ``threads``
     torch threads each; list of the ranks' results (they must pickle).
 
     ``fn`` must be a module-level function (it is pickled by name). ``timeout`` (s)
-    bounds the whole run, ``pg_timeout`` (s) every collective.
+    bounds the whole run, ``pg_timeout`` (s) every collective. ``backend='nccl'``: the
+    ranks' group is nccl, rank r on ``cuda:r`` (as many GPUs as ranks needed).
     """
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
             _entry, args=(fn, world_size, os.path.join(tmp, 'rendezvous'), tmp, pg_timeout,
-                          threads, args),
+                          threads, args, backend),
             nprocs=world_size, join=False, start_method='spawn')
         deadline = time.monotonic() + timeout
         try:

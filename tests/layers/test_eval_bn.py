@@ -69,6 +69,35 @@ def test_equals_batchnorm2d_eval_forward_and_backward(frozen_affine, size):
             torch.testing.assert_close(p1.grad, p2.grad)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize('frozen_affine', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['float32', 'float16'])
+def test_on_cuda_equals_batchnorm2d_eval(dtype, frozen_affine):
+    """On CUDA, EvalBN in training mode is cuDNN's BN in eval mode, fp32 or in a half
+    model (fp32 statistics), above the frozen path's threshold; no buffer moves."""
+    ebn = random_state(EvalBN(8)).cuda().train()
+    bn = nn.BatchNorm2d(8).cuda()
+    bn.load_state_dict(ebn.state_dict())
+    bn.eval()
+    ebn.requires_grad_(not frozen_affine)
+    bn.requires_grad_(not frozen_affine)
+    before = buffers(ebn)
+    x = torch.randn(2, 8, 128, 128, device='cuda').to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ebn(x1), bn(x2)
+    dy = torch.randn_like(y1)
+    y1.backward(dy)
+    y2.backward(dy)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    assert y1.dtype == dtype
+    torch.testing.assert_close(y1, y2, **tol)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    if not frozen_affine:
+        torch.testing.assert_close(ebn.weight.grad, bn.weight.grad, **tol)
+        torch.testing.assert_close(ebn.bias.grad, bn.bias.grad, **tol)
+    assert all(torch.equal(v, before[k]) for k, v in buffers(ebn).items())
+
+
 def test_frozen_backward_keeps_no_activation():
     layer = random_state(EvalBN(4)).requires_grad_(False).train()
     y = layer(torch.randn(2, 4, 256, 256, requires_grad=True))

@@ -1,12 +1,15 @@
 """MABN against an independent float64 (numpy) implementation of shared/spec/mabn.md,
-on both CPU training paths (compiled and PyTorch: the ``mabn_path`` fixture)."""
+on both CPU training paths (compiled and PyTorch: the ``mabn_path`` fixture) and on CUDA
+(the PyTorch implementation, by dispatch)."""
 import io
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from mmdet_bnplug.layers.mabn import MABN
+from mmdet_bnplug.ops import mabn as mabn_ops
 from mmdet_bnplug.testing.mabn_reference import SpecMABN
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'mabn_path')  # tiny tensors
@@ -26,10 +29,11 @@ PHASES_LONG_BUFFER = {(True, False), (True, True), (False, True)}
 SHAPES = [(2, 3, 4, 5), (1, 3, 1, 1), (3, 3, 7), (5, 3), (2, 3, 2, 3, 2)]
 
 
-def _run_against_spec(dtype, iters, tol, seed=0, hparams=HPARAMS, phases_seen=PHASES):
+def _run_against_spec(dtype, iters, tol, seed=0, hparams=HPARAMS, phases_seen=PHASES,
+                      device='cpu'):
     rng = np.random.default_rng(seed)
     c = 3
-    layer = MABN(c, **hparams).to(dtype).train()
+    layer = MABN(c, **hparams).to(device, dtype).train()
     spec = SpecMABN(c, **hparams)
     phases = set()
     for it in range(iters):
@@ -45,16 +49,16 @@ def _run_against_spec(dtype, iters, tol, seed=0, hparams=HPARAMS, phases_seen=PH
             layer.bias.copy_(torch.from_numpy(b))
         layer.weight.grad = layer.bias.grad = None
 
-        xt = torch.tensor(x, dtype=dtype, requires_grad=True)
+        xt = torch.tensor(x, dtype=dtype, device=device, requires_grad=True)
         y = layer(xt)
-        y.backward(torch.tensor(dy, dtype=dtype))
+        y.backward(torch.tensor(dy, dtype=dtype, device=device))
         y_ref = spec.forward(x, w, b)
         dx_ref, dw_ref, db_ref = spec.backward(dy)
         t = spec.t
         phases.add((spec.use_batch, t > max(spec.renorm, spec.warmup)))
 
         def close(name, got, want):
-            got = got.detach().double().numpy()
+            got = got.detach().double().cpu().numpy()
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol,
                                        err_msg=f'{name} at t={t}')
 
@@ -70,7 +74,7 @@ def _run_against_spec(dtype, iters, tol, seed=0, hparams=HPARAMS, phases_seen=PH
     layer.eval()
     x = rng.standard_normal((2, c, 3, 3))
     with torch.no_grad():
-        y = layer(torch.tensor(x, dtype=dtype)).double().numpy()
+        y = layer(torch.tensor(x, dtype=dtype, device=device)).double().cpu().numpy()
     np.testing.assert_allclose(y, spec.eval(x, w, b), rtol=tol, atol=tol)
     assert layer.num_batches_tracked.item() == iters  # eval leaves the state alone
 
@@ -86,6 +90,33 @@ def test_matches_spec_buffer_longer_than_warmup():
 
 def test_matches_spec_float32():
     _run_against_spec(torch.float32, iters=300, tol=2e-4, seed=1)
+
+
+# CUDA has one implementation of the ops: a single value replaces the module's mabn_path
+# fixture (the choice of CPU path)
+@pytest.mark.cuda
+@pytest.mark.parametrize('mabn_path', ['cuda'])
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-9), (torch.float32, 2e-4)],
+                         ids=['float64', 'float32'])
+def test_matches_spec_on_cuda(dtype, tol):
+    _run_against_spec(dtype, iters=300, tol=tol, seed=1, device='cuda')
+
+
+def _kernel(op, key):
+    """Where the dispatcher's kernel of ``op`` for dispatch key ``key`` comes from."""
+    table = torch._C._dispatch_dump_table(f'{mabn_ops.NAMESPACE}::{op}')
+    return re.search(rf'^{key}: registered at (.*)$', table, re.M).group(1)
+
+
+def test_on_cuda_the_ops_are_the_pytorch_implementation():
+    """The C++ build registers kernels for CPU and AutogradCPU only: on CUDA (and every
+    other device) the step's ops are ops/mabn.py's PyTorch functions
+    (CompositeExplicitAutograd) and the affine op's autograd rule is the Python one."""
+    for op in mabn_ops.PYTORCH_IMPLS:
+        assert re.fullmatch(r'.*mmdet_bnplug/ops/mabn\.py:\d+ \[default backend kernel\]',
+                            _kernel(op, 'CUDA')), op
+    assert re.fullmatch(r'.*mmdet_bnplug/ops/mabn\.py:\d+ \[autograd kernel\]',
+                        _kernel('mabn_train_affine', 'AutogradCUDA'))
 
 
 def _layer_in_phase(t, renorm_active, dtype=torch.float64):

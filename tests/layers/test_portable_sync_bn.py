@@ -217,7 +217,7 @@ def test_cuda_grad_input_branch_passes_the_kernel_what_it_expects(emulated_cuda_
         torch.testing.assert_close(psbn.bias.grad, bn.bias.grad)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.cuda
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
 def test_cuda_global_path_equals_bn(dtype):
     """On CUDA, the backward's one-pass kernel: BN's output and gradients."""

@@ -1,7 +1,8 @@
-"""PortableSyncBN on 2 and 4 gloo processes against nn.BatchNorm2d on the concatenated batch.
+"""PortableSyncBN on 2 and 4 gloo processes (and on 2 GPUs over nccl, where there are
+two) against nn.BatchNorm2d on the concatenated batch.
 
-Two launches in all (each costs seconds): the ranks run every case and return tensors;
-the references and the comparisons run here, in the test process.
+Two launches in all on the CPU (each costs seconds): the ranks run every case and return
+tensors; the references and the comparisons run here, in the test process.
 """
 import time
 from datetime import timedelta
@@ -53,21 +54,22 @@ def synchronised_counts(steps, backward=1):
     return [(1 + (step == 0), backward) for step in range(steps)]
 
 
-def run_steps(layer, sizes, dtype, rank, counter, autocast=False):
-    """Forward/backward STEPS times on this rank's slice; tensors and collective counts."""
+def run_steps(layer, sizes, dtype, rank, counter, autocast=False, device='cpu'):
+    """Forward/backward STEPS times on this rank's slice on ``device`` (the layer's);
+    tensors (on the CPU) and collective counts."""
     out = []
     for step in range(STEPS):
         x_all, dy_all = batches(sizes, dtype, step)
-        x = rank_slice(x_all, sizes, rank).clone().requires_grad_()
+        x = rank_slice(x_all, sizes, rank).clone().to(device).requires_grad_()
         layer.zero_grad(set_to_none=True)
         counter.take()
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             y = layer(x.to(torch.bfloat16) if autocast else x)
         fwd = counter.take()
-        y.backward(rank_slice(dy_all, sizes, rank).to(y.dtype))
-        out.append(dict(y=y.detach(), gx=x.grad, gw=layer.weight.grad, gb=layer.bias.grad,
-                        fwd=fwd, bwd=counter.take()))
-    return dict(steps=out, state=layer.state_dict())
+        y.backward(rank_slice(dy_all, sizes, rank).to(device, y.dtype))
+        out.append(dict(y=y.detach().cpu(), gx=x.grad.cpu(), gw=layer.weight.grad.cpu(),
+                        gb=layer.bias.grad.cpu(), fwd=fwd, bwd=counter.take()))
+    return dict(steps=out, state={k: v.cpu() for k, v in layer.state_dict().items()})
 
 
 def two_rank_worker(rank, world_size):
@@ -271,3 +273,31 @@ def test_subgroups_of_two_on_four_ranks():
             assert results[r]['group_ranks'] == list(group)
             assert results[r]['cached']
     assert_matches_bn([res[None] for res in results], GROUP_SIZES, torch.float64)
+
+
+def nccl_worker(rank, world_size):
+    """Every split in float64 and float32 on cuda:rank, over nccl."""
+    counter = CollectiveCounter()
+    with counter.installed():
+        return {(split, dtype): run_steps(
+            init_affine(PortableSyncBN(C, momentum=MOMENTUM).to('cuda', dtype)), sizes,
+            dtype, rank, counter, device='cuda')
+            for split, sizes in SPLITS.items() for dtype in (torch.float64, torch.float32)}
+
+
+@pytest.fixture(scope='module')
+def two_gpus():
+    return run_distributed(nccl_worker, world_size=2, timeout=180, backend='nccl')
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs 2 CUDA devices (nccl)')
+@pytest.mark.parametrize('split', SPLITS)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['float64', 'float32'])
+def test_nccl_on_two_gpus_matches_bn_on_concatenated_batch(two_gpus, split, dtype):
+    """The CUDA paths (fused backward kernel, nccl): BN on the concatenated batch, one
+    collective each way per call (and the handshake)."""
+    results = [res[split, dtype] for res in two_gpus]
+    assert_matches_bn(results, SPLITS[split], dtype)
+    for res in results:
+        assert [(s['fwd'], s['bwd']) for s in res['steps']] == synchronised_counts(STEPS)
