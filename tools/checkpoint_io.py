@@ -155,11 +155,9 @@ def load_model(config, checkpoint=None, cfg_options=None, strict=False):
     """
     if config is None:
         raise BadValue(CONFIG_NEEDED)
-    if not osp.isfile(config):
-        raise MissingInput(f'config file not found: {config!r}')
+    cfg = read_config(config, cfg_options)  # MissingInput if absent
     if checkpoint is not None and not osp.isfile(checkpoint):
         raise MissingInput(f'checkpoint file not found: {checkpoint!r}')
-    cfg = read_config(config, cfg_options)
     check_norm_types(cfg.get('model', {}))
     ckpt = None
     if checkpoint is not None:

@@ -26,6 +26,7 @@ from torch import nn
 from ..engine.hooks.global_loss_norm import global_loss_norm, loss_norm_report
 from ..testing.gloo import run_gloo
 from ..utils.bn_like import is_bn_like
+from ..utils.outputs import relative_change
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 _STATISTICS = ('running_mean', 'running_var')
@@ -114,12 +115,8 @@ def training_step(model, batch: dict, double=False) -> StepRecord:
     handles = [layer.register_forward_hook(
         lambda mod, args, out, name=name: keep(name, out)) for name, layer in norm_layers(model)]
     try:
-        data = model.data_preprocessor(batch, True)
-        if double:
-            data['inputs'] = data['inputs'].double()
         model.zero_grad(set_to_none=True)
-        loss, log_vars = model.parse_losses(model(**data, mode='loss'))
-        loss.backward()
+        input_shape, log_vars = _loss_backward(model, batch, double)
     finally:
         for handle in handles:
             handle.remove()
@@ -133,7 +130,18 @@ def training_step(model, batch: dict, double=False) -> StepRecord:
              if p.grad is not None}
     losses = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
               for k, v in log_vars.items() if 'loss' in k}  # not accuracies
-    return StepRecord(tuple(data['inputs'].shape), norms, losses, grads)
+    return StepRecord(input_shape, norms, losses, grads)
+
+
+def _loss_backward(model, batch: dict, double: bool):
+    """Preprocess ``batch`` (its inputs float64 if ``double``), compute the parsed loss
+    and backpropagate it: ``(padded input shape, log_vars)``."""
+    data = model.data_preprocessor(batch, True)
+    if double:
+        data['inputs'] = data['inputs'].double()
+    loss, log_vars = model.parse_losses(model(**data, mode='loss'))
+    loss.backward()
+    return tuple(data['inputs'].shape), log_vars
 
 
 def optimizer_steps(model, cfg, batch_size: int, seed: int, steps: int, double=False) -> dict:
@@ -149,12 +157,9 @@ def optimizer_steps(model, cfg, batch_size: int, seed: int, steps: int, double=F
     per_rank = batch_size // world
     for step in range(steps):
         batch = global_batch(cfg, batch_size, seed + 1 + step)
-        batch = batch_slice(batch, rank * per_rank, (rank + 1) * per_rank)
-        data = model.data_preprocessor(batch, True)
-        if double:
-            data['inputs'] = data['inputs'].double()
         optim_wrapper.zero_grad()
-        model.parse_losses(model(**data, mode='loss'))[0].backward()
+        _loss_backward(model, batch_slice(batch, rank * per_rank, (rank + 1) * per_rank),
+                       double)
         if world > 1:
             for param in model.parameters():
                 if param.grad is not None:
@@ -213,14 +218,6 @@ def run_sync_check(cfg, procs: int, batch_size: int, seed=0, double=False, timeo
     return reference, ranks
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` (L2, float64); 0 when both are zero."""
-    a, b = a.double(), b.double()
-    denom = b.norm().item()
-    diff = (a - b).norm().item()
-    return diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
-
-
 def _part(param_name: str) -> str:
     return param_name.split('.', 1)[0]
 
@@ -248,27 +245,25 @@ def compare(reference: StepRecord, ranks: list) -> Comparison:
         outputs = [r.norms[name]['output'] for r in ranks if name in r.norms]
         same = len(outputs) == len(ranks) and all(
             o.shape[1:] == ref['output'].shape[1:] for o in outputs)
-        row['output'] = relative(torch.cat(outputs), ref['output']) if same and \
+        row['output'] = relative_change(torch.cat(outputs), ref['output']) if same and \
             sum(o.shape[0] for o in outputs) == ref['output'].shape[0] else None
         for key in _STATISTICS:
             if key in ref:  # every rank holds the group's statistics: compare the worst
-                row[key] = max(relative(r.norms[name][key], ref[key]) for r in ranks)
+                row[key] = max(relative_change(r.norms[name][key], ref[key]) for r in ranks)
         norms[name] = row
     losses = {}
     for name, value in reference.losses.items():
         mean = sum(r.losses.get(name, math.nan) for r in ranks) / len(ranks)
         losses[name] = (mean, value, abs(mean - value) / max(abs(value), 1e-30))
-    by_part = {}
-    for name, grad in reference.grads.items():
-        averaged = sum(r.grads.get(name, torch.zeros_like(grad)) for r in ranks) / len(ranks)
-        ref_sq, diff_sq = by_part.get(_part(name), (0.0, 0.0))
-        by_part[_part(name)] = (ref_sq + grad.double().square().sum().item(),
-                                diff_sq + (averaged - grad).double().square().sum().item())
-    grads = {part: math.sqrt(d) / math.sqrt(r) if r > 0 else 0.0
-             for part, (r, d) in by_part.items()}
+    parts = {}
+    for name in reference.grads:
+        parts.setdefault(_part(name), []).append(name)
+    grads = {part: relative_change(
+        [sum(r.grads.get(n, torch.zeros_like(reference.grads[n])) for r in ranks) / len(ranks)
+         for n in names], [reference.grads[n] for n in names]) for part, names in parts.items()}
     trained = {}
     for name, value in reference.trained.items():
-        diff = max(relative(r.trained[name], value) for r in ranks)
+        diff = max(relative_change(r.trained[name], value) for r in ranks)
         trained[_part(name)] = max(trained.get(_part(name), 0.0), diff)
     return Comparison([r.input_shape for r in ranks], reference.input_shape, norms, losses,
                       grads, trained)

@@ -130,10 +130,16 @@ def _loss_heads(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
-def _rule(head):
-    """``(what, (method name, wrapper) or None)`` for one loss head, what in
-    {'made global', 'already global', 'not covered'}."""
+def _rules(model) -> list:
+    """``[(name, head, what, (method name, wrapper) or None)]`` for every loss head of
+    ``model``, what in {'made global', 'already global', 'not covered'}."""
     covered, already_global = _mmdet_heads()
+    return [(name, head, *_rule(head, covered, already_global))
+            for name, head in _loss_heads(model)]
+
+
+def _rule(head, covered, already_global):
+    """``(what, (method name, wrapper) or None)`` for one loss head (see :func:`_rules`)."""
     for base, method, accepted, wrapper, loss_ok in covered:
         if isinstance(head, base) and getattr(type(head), method) in accepted \
                 and loss_ok(head):
@@ -145,7 +151,7 @@ def loss_norm_report(model) -> list:
     """``[(head name, class name, what)]`` for every loss head of ``model``: what
     :func:`global_loss_norm` does to it ('made global'), or 'already global' (it reduces
     across ranks itself), or 'not covered'. Changes nothing."""
-    return [(name, type(head).__name__, _rule(head)[0]) for name, head in _loss_heads(model)]
+    return [(name, type(head).__name__, what) for name, head, what, _ in _rules(model)]
 
 
 def global_loss_norm(model, strict=True) -> list:
@@ -153,7 +159,8 @@ def global_loss_norm(model, strict=True) -> list:
     module docstring); idempotent. Returns :func:`loss_norm_report`'s list; ``strict``: a
     head with a loss that is not covered raises ValueError (naming it and what is
     covered)."""
-    report = loss_norm_report(model)
+    rules = _rules(model)
+    report = [(name, type(head).__name__, what) for name, head, what, _ in rules]
     missing = [(n, c) for n, c, what in report if what == 'not covered']
     if strict and missing:
         raise ValueError(
@@ -162,8 +169,7 @@ def global_loss_norm(model, strict=True) -> list:
             'AnchorHead, RPNHead or SSDHead), RoI heads with BBoxHead.loss, FCNMaskHead; '
             "already global: mmdet's heads that reduce_mean (FCOS, ATSS, GFL, TOOD, "
             'VFNet, RTMDet, ...). Set strict=False to train with the others as they are')
-    for _, head in _loss_heads(model):
-        _, rule = _rule(head)
+    for _, head, _, rule in rules:
         if rule is not None and not getattr(head, _MARK, False):
             method, wrapper = rule
             setattr(head, method, wrapper(getattr(head, method)))
