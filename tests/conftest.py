@@ -102,6 +102,13 @@ def data_root_options(root):
             f'test_evaluator.ann_file={root}annotations/val.json']
 
 
+def on_dataset(cfg, root):
+    """``cfg`` (an mmengine Config of a toy) pointed at the synthetic dataset under ``root``,
+    as ``data_root_options`` does for a tool; returns ``cfg``."""
+    cfg.merge_from_dict(dict(option.split('=', 1) for option in data_root_options(root)))
+    return cfg
+
+
 def pythonpath(directory):
     """A PYTHONPATH value with ``directory`` before the current one (for subprocesses that
     import a test-only module from there)."""

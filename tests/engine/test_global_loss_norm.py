@@ -9,7 +9,7 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 import mmdet_bnplug  # noqa: F401
-from conftest import REPO
+from conftest import REPO, on_dataset
 from mmdet_bnplug.analysis.sync_check import build_model, global_batch, quiet_logs
 from mmdet_bnplug.engine.hooks import global_loss_norm
 from mmdet_bnplug.engine.hooks.global_loss_norm import loss_norm_report
@@ -31,11 +31,11 @@ def _losses(model, batch):
                                       'made global'),
                                      ('roi_head.mask_head', 'FCNMaskHead', 'made global')]),
 ])
-def test_one_process_is_unchanged(config, double, expected):
+def test_one_process_is_unchanged(config, double, expected, tiny_synthetic):
     """Without a process group the wrapped heads compute exactly what they did (same
     seed for the random samplers)."""
     quiet_logs()
-    cfg = Config.fromfile(osp.join(TOY, config))
+    cfg = on_dataset(Config.fromfile(osp.join(TOY, config)), tiny_synthetic)
     model = build_model(cfg, double=double)
     batch = global_batch(cfg, 2, seed=0)
     before = _losses(model, batch)
