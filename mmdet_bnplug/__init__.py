@@ -10,7 +10,7 @@ from . import patches
 patches.apply_enabled()
 
 # registers the hooks and optimizer wrapper, then MABN, ConvWC, EvalBN, PortableSyncBN
-# and NormEval
-from . import engine, layers  # noqa: E402,F401
+# and NormEval, then the per-level-norm heads
+from . import engine, heads, layers  # noqa: E402,F401
 
 __version__ = '0.1.0'

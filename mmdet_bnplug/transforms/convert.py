@@ -8,8 +8,10 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..layers.level_norm import retie_level_norms
 from ..layers.norm_eval import resolve_registered
 from ..utils.bn_like import bn_like_layers, bn_like_types, eval_affine
+from ..utils.modules import replace_modules
 
 
 def norm_targets():
@@ -98,15 +100,6 @@ def _map_change(src, dst):
                    max(t0.abs().max().item(), scale))
 
 
-def _replace(model, old_to_new):
-    """Put the new layers wherever the old ones are (shared modules included)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):  # named_children() dedups
-            if id(child) in old_to_new:
-                setattr(parent, name, old_to_new[id(child)])
-    return old_to_new.get(id(model), model)
-
-
 def convert_norm(model: nn.Module, to, include=None, exclude=None) -> nn.Module:
     """Replace BN-like layers of ``model`` by layers of type ``to``, in place.
 
@@ -125,7 +118,8 @@ def convert_norm(model: nn.Module, to, include=None, exclude=None) -> nn.Module:
     are built through it; sources with ``batchnorm_state`` give their BN-equivalent
     state. When MABN layers become another type, every ConvWC of the model stores its
     centred kernel (:func:`centre_conv_wc_weights`), so that the converted weights are
-    exact in a plain-conv config too. The largest change of any layer's eval-mode map
+    exact in a plain-conv config too. The levels of a LevelNorm are converted one by
+    one (a shared affine stays shared). The largest change of any layer's eval-mode map
     is logged.
     """
     cls, kwargs, requires_grad = _resolve_target(to)
@@ -145,7 +139,9 @@ def convert_norm(model: nn.Module, to, include=None, exclude=None) -> nn.Module:
                        'outputs; the weights also load into plain convs)')
     print_log(f'convert_norm: {len(changes)} layers -> {cls.__name__}; {change}',
               logger='current')
-    return _replace(model, old_to_new)
+    model = replace_modules(model, old_to_new)
+    retie_level_norms(model)  # per-level norms sharing one affine share it again
+    return model
 
 
 def centre_conv_wc_weights(model: nn.Module) -> int:

@@ -8,6 +8,7 @@ its norm right after its conv, mmdet's ResNet stem and blocks, each with its own
 """
 import copy
 import logging
+from contextlib import nullcontext
 
 import torch
 from mmcv.cnn import ConvModule
@@ -16,6 +17,7 @@ from mmcv.cnn.bricks.wrappers import Conv3d as MMCVConv3d
 from mmengine.logging import print_log
 from torch import nn
 
+from ..layers.level_norm import LevelNorm, LevelRouted, at_level, current_level
 from ..utils.bn_like import eval_affine, is_bn_like
 from ..utils.outputs import relative_change
 
@@ -32,6 +34,13 @@ def _kernel(conv):
 
 def _is_norm(module) -> bool:
     return is_bn_like(module) or hasattr(module, 'eval_scale_shift')
+
+
+def _foldable_norm(norm, channels) -> bool:
+    """A norm (or a LevelNorm of norms) with a fixed eval map over ``channels``."""
+    norms = list(norm) if isinstance(norm, LevelNorm) else [norm]
+    return all(_is_norm(n) and getattr(n, 'running_var', 0) is not None and
+               n.num_features == channels for n in norms)
 
 
 def _mmdet_resnet_flows():
@@ -81,11 +90,8 @@ def _candidates(model):
         pairs += [(p, False) for p in zip(names, names[1:])]
         for (conv_name, norm_name), proven in pairs:
             conv, norm = children.get(conv_name), children.get(norm_name)
-            if conv is None or norm is None or not _is_norm(norm):
-                continue
-            kernel = _kernel(conv)
-            if kernel is None or getattr(norm, 'running_var', 0) is None or \
-                    kernel.shape[0] != norm.num_features:
+            kernel = None if conv is None else _kernel(conv)
+            if norm is None or kernel is None or not _foldable_norm(norm, kernel.shape[0]):
                 continue
             key = (parent_name, conv_name, norm_name)
             found[key] = found.get(key, False) or proven
@@ -106,15 +112,23 @@ def _folded_conv(conv, kernel, scale, shift):
     return fused.train(conv.training)
 
 
+def _folded(conv, norm):
+    """The fused conv of ``norm(conv(x))``; for a LevelNorm, one fused conv per level
+    (a LevelRouted: exact per level, the shared conv's kernel folded with each level's
+    norm)."""
+    with torch.no_grad():
+        kernel = _kernel(conv)
+        if isinstance(norm, LevelNorm):
+            return LevelRouted([_folded_conv(conv, kernel, *eval_affine(n)) for n in norm])
+        return _folded_conv(conv, kernel, *eval_affine(norm))
+
+
 def _fold(model, pairs):
     """Replace each (parent, conv, norm) of ``pairs`` by (fused conv, Identity), in place."""
     for parent_name, conv_name, norm_name in pairs:
         parent = model.get_submodule(parent_name)
         conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
-        with torch.no_grad():
-            scale, shift = eval_affine(norm)
-            kernel = _kernel(conv)
-        setattr(parent, conv_name, _folded_conv(conv, kernel, scale, shift))
+        setattr(parent, conv_name, _folded(conv, norm))
         setattr(parent, norm_name, nn.Identity())
 
 
@@ -143,7 +157,8 @@ def _verified_on_probe(model, pairs, probe, atol):
             # later in-place ops (ReLU(inplace=True), +=) change the tensors themselves
             x = args[0] if args else None
             copies = [t.clone() if isinstance(t, torch.Tensor) else t for t in (x, out)]
-            calls.setdefault((key, role), []).append((x, copies[0], out, copies[1]))
+            calls.setdefault((key, role), []).append(
+                (x, copies[0], out, copies[1], current_level()))
         return hook
 
     handles = []
@@ -163,12 +178,15 @@ def _verified_on_probe(model, pairs, probe, atol):
             return False
         parent = model.get_submodule(key[0])
         conv, norm = getattr(parent, key[1]), getattr(parent, key[2])
-        with torch.no_grad():
-            fused = _folded_conv(conv, _kernel(conv), *eval_affine(norm)).eval()
-            return all(norm_in is conv_out and
-                       relative_change(fused(conv_in), norm_out) <= atol
-                       for (_, conv_in, conv_out, _), (norm_in, _, _, norm_out)
-                       in zip(conv_calls, norm_calls))
+        fused = _folded(conv, norm).eval()
+
+        def fused_output(x, level):
+            with torch.no_grad(), at_level(level) if level is not None else nullcontext():
+                return fused(x)
+        return all(norm_in is conv_out and
+                   relative_change(fused_output(conv_in, level), norm_out) <= atol
+                   for (_, conv_in, conv_out, _, level), (norm_in, _, _, norm_out, _)
+                   in zip(conv_calls, norm_calls))
 
     def whole_model_exact(keys):
         folded = copy.deepcopy(model)
@@ -246,9 +264,10 @@ def fuse_norm_report(model: nn.Module, example_inputs=None, forward=None,
     fed = {'.'.join(filter(None, (p, n))) for p, _, n in candidates}
     unfused = {}
     for name, module in model.named_modules():
-        if name in refused:
-            unfused[name] = refused[name]
-        elif _is_norm(module) and name not in fed:
+        level_of = name.rpartition('.')[0]  # a LevelNorm's level: the LevelNorm's reason
+        if name in refused or level_of in refused:
+            unfused[name] = refused.get(name, refused.get(level_of))
+        elif _is_norm(module) and name not in fed and level_of not in fed:
             unfused[name] = 'no plain conv registered just before it'
         elif isinstance(module, _RUNTIME_NORMS):
             unfused[name] = (f'{type(module).__name__} normalises with per-sample '

@@ -70,7 +70,9 @@ def relative_errors(config, data_root, gn=False):
 @pytest.mark.parametrize('config, names', [
     ('retinanet_r18_fpn_bn_toy', RETINANET), ('retinanet_r18_fpn_mabn_toy', RETINANET),
     ('retinanet_r18_fpn_evalbn_toy', RETINANET), ('retinanet_r18_fpn_syncbn_toy', RETINANET),
-    ('mask_rcnn_r18_fpn_bn_toy', TWO_STAGE), ('mask_rcnn_r18_fpn_mabn_toy', TWO_STAGE)])
+    ('mask_rcnn_r18_fpn_bn_toy', TWO_STAGE), ('mask_rcnn_r18_fpn_mabn_toy', TWO_STAGE),
+    # ConvWC + MABN in a per-level head: one folded conv per level
+    ('retinanet_r18_fpn_mabn_2img_all_toy', RETINANET)])
 def test_toy_exports_folded_and_onnxruntime_matches(config, names, tiny_synthetic,
                                                     one_thread):
     _, _, export = exported(config, tiny_synthetic)
