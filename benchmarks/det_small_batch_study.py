@@ -41,6 +41,8 @@ REF_BATCH = 8
 KEYS = ('norm', 'where', 'images_per_gpu', 'processes', 'seed', 'iters', 'bbox_mAP',
         'bbox_mAP_50')
 
+# per-level statistics in RetinaNet's head (mmdet_bnplug.models.LevelNormRetinaHead)
+LEVEL_HEAD = dict(type='LevelNormRetinaHead')
 # row key -> what it runs. 'config' is the configs/toy/ file the run config inherits.
 ROWS = {
     'bn8': dict(norm='BN', where='backbone', images_per_gpu=8, processes=1,
@@ -58,8 +60,8 @@ ROWS = {
                   config='retinanet_r18_fpn_mabn_2img_toy.py',
                   label='ConvWC + MABN, 2 images'),
     'mabn2_all': dict(norm='MABN', where='backbone+neck+head', images_per_gpu=2,
-                      processes=1, config='retinanet_r18_fpn_mabn_2img_all_toy.py',
-                      label='ConvWC + MABN in backbone, FPN and head, 2 images'),
+                      processes=1, config='retinanet_r18_fpn_mabn_2img_toy.py',
+                      label='ConvWC + MABN in backbone, FPN and shared head, 2 images'),
     'mabn2_neck': dict(norm='MABN', where='backbone+neck', images_per_gpu=2, processes=1,
                        config='retinanet_r18_fpn_mabn_2img_toy.py',
                        label='ConvWC + MABN in backbone and FPN, 2 images'),
@@ -73,14 +75,32 @@ ROWS = {
                             label='ConvWC + MABN in backbone and FPN, 2 images, moving '
                                   'averages from 4x the lr warm-up'),
     'mabn2_all_late': dict(norm='MABN', where='backbone+neck+head', images_per_gpu=2,
-                           processes=1, config='retinanet_r18_fpn_mabn_2img_all_toy.py',
+                           processes=1, config='retinanet_r18_fpn_mabn_2img_toy.py',
                            warmup_scale=4,
-                           label='ConvWC + MABN in backbone, FPN and head, 2 images, '
+                           label='ConvWC + MABN in backbone, FPN and shared head, 2 images, '
                                  'moving averages from 4x the lr warm-up'),
+    'mabn2_all_lvl': dict(norm='MABN', where='backbone+neck+head/level', images_per_gpu=2,
+                          processes=1, config='retinanet_r18_fpn_mabn_2img_toy.py',
+                          head=LEVEL_HEAD,
+                          label='ConvWC + MABN in backbone, FPN and head, per-level head '
+                                'statistics, 2 images'),
+    'mabn2_all_lvl_late': dict(norm='MABN', where='backbone+neck+head/level',
+                               images_per_gpu=2, processes=1,
+                               config='retinanet_r18_fpn_mabn_2img_toy.py', warmup_scale=4,
+                               head=LEVEL_HEAD,
+                               label='ConvWC + MABN in backbone, FPN and head, per-level '
+                                     'head statistics, 2 images, moving averages from 4x '
+                                     'the lr warm-up'),
     'mabn2_batch': dict(norm='MABN', where='backbone', images_per_gpu=2, processes=1,
                         config='retinanet_r18_fpn_mabn_2img_toy.py', sma=False,
                         label='ConvWC + MABN, 2 images, batch statistics throughout '
                               '(the moving averages never start)'),
+    **{f'bn{n}_head{lvl}': dict(
+        norm='BN', where='backbone+head' + ('/level' if lvl else ''), images_per_gpu=n,
+        processes=1, config='retinanet_r18_fpn_bn_toy.py',
+        head=dict(LEVEL_HEAD if lvl else {}, norm_cfg=dict(type='BN', requires_grad=True)),
+        label=f"BN, {n} images, BN in the head, {'per-level' if lvl else 'shared'} "
+              'statistics') for n in (2, 8) for lvl in ('', '_lvl')},
     'gn2': dict(norm='GN', where='backbone', images_per_gpu=2, processes=1,
                 config='retinanet_r18_fpn_bn_toy.py',
                 norm_cfg=dict(type='GN', num_groups=32, requires_grad=True),
@@ -205,11 +225,14 @@ def run_config_text(args, row, seed, sched, load_from=None, diag=None):
     lines.append(data_text(args.data_root))
     lines.append(f"train_dataloader = dict(batch_size={row['images_per_gpu']}, "
                  f"dataset=dict(data_root={args.data_root.rstrip('/') + '/'!r}))\n")
-    overrides = {k: row[k] for k in ('conv_cfg', 'norm_cfg') if k in row}
-    if overrides:
-        lines.append(f"model = dict(backbone={overrides!r})\n")
-    if row['norm'] == 'MABN':
-        lines.append(mabn_text(row, sched, diag))
+    model = mabn_parts(row, sched, diag) if row['norm'] == 'MABN' else {}
+    backbone = {k: row[k] for k in ('conv_cfg', 'norm_cfg') if k in row}
+    if backbone:
+        model['backbone'] = backbone
+    if 'head' in row:  # the row's head settings over the recipe's
+        model['bbox_head'] = dict(model.get('bbox_head', {}), **row['head'])
+    if model:
+        lines.append(f"model = {model!r}\n")
     lines.append(f"max_iters = {iters}\n"
                  f"train_cfg = dict(type='IterBasedTrainLoop', max_iters={iters}, "
                  f"val_interval={iters + 1})\n")  # evaluated by tools/test.py
@@ -233,14 +256,16 @@ def run_config_text(args, row, seed, sched, load_from=None, diag=None):
     return ''.join(lines)
 
 
-def mabn_text(row, sched, diag=None):
-    """MABN recipe for detection at 2 images per GPU (docs/det_small_batch_study.md):
-    buffer_size = 32 / images per GPU (paper's rule), warmup_iters = the lr warm-up,
-    renorm_iters = 20% of the schedule (a row's or ablation's ``warmup_scale``: warmup_iters
-    that many times the lr warm-up, renorm_iters at least as long; a row's ``sma=False``:
-    warmup_iters past the schedule, batch statistics throughout); in the head (one
-    layer called once per FPN level, 4 levels) counters and buffers are 4x as long in
-    layer steps."""
+def mabn_parts(row, sched, diag=None):
+    """MABN recipe for detection at 2 images per GPU (docs/det_small_batch_study.md), as
+    the run config's ``model`` parts: buffer_size = 32 / images per GPU (paper's rule),
+    warmup_iters = the lr warm-up, renorm_iters = 20% of the schedule (a row's or
+    ablation's ``warmup_scale``: warmup_iters that many times the lr warm-up, renorm_iters
+    at least as long; a row's ``sma=False``: warmup_iters past the schedule, batch
+    statistics throughout). In a shared head (one layer called once per FPN level, 4
+    levels) counters and buffers are 4x as long in layer steps; in a per-level head (a
+    row's ``head`` type ``LevelNorm...``) each level's layer is called once per
+    iteration, as in the backbone."""
     diag = dict(diag or {})
     warmup_scale = diag.pop('warmup_scale', row.get('warmup_scale', 1))
     convwc = diag.pop('convwc', True)
@@ -259,14 +284,14 @@ def mabn_text(row, sched, diag=None):
             d.update(diag)
         return d
 
-    conv = "dict(type='ConvWC')" if convwc else 'None'
-    text = f"model = dict(backbone=dict(conv_cfg={conv}, norm_cfg={norm()!r}, " \
-           f"norm_eval=False)"
+    conv = dict(type='ConvWC') if convwc else None
+    parts = dict(backbone=dict(conv_cfg=conv, norm_cfg=norm(), norm_eval=False))
     if 'neck' in row['where']:
-        text += f",\n    neck=dict(conv_cfg={conv}, norm_cfg={norm()!r})"
+        parts['neck'] = dict(conv_cfg=conv, norm_cfg=norm())
     if 'head' in row['where']:
-        text += f",\n    bbox_head=dict(conv_cfg={conv}, norm_cfg={norm(4)!r})"
-    return text + ")\n"
+        per_level = row.get('head', {}).get('type', '').startswith('LevelNorm')
+        parts['bbox_head'] = dict(conv_cfg=conv, norm_cfg=norm(1 if per_level else 4))
+    return parts
 
 
 # ----------------------------------------------------------------------------- running
@@ -412,7 +437,10 @@ def main(argv=None):
     args = parse_args(argv)
     os.chdir(ROOT)
     if args.report_only:
-        write_report(args, load_json(args.out_json))
+        if args.diagnose:
+            write_diag_report(args, load_json(args.diag_json))
+        else:
+            write_report(args, load_json(args.out_json))
         return 0
     ensure_data(args)
     out_path = args.diag_json if args.diagnose else args.out_json
@@ -561,47 +589,93 @@ def write_report(args, records):
     plot(args, records)
 
 
+def colours(keys, order):
+    """One distinct colour per key, fixed by the key's place in ``order`` (other keys
+    after it, sorted): tab20's ten dark hues, its ten light ones, then tab20b's."""
+    plt = pyplot()
+    palette = ([plt.get_cmap('tab20')(i) for i in range(0, 20, 2)] +
+               [plt.get_cmap('tab20')(i) for i in range(1, 20, 2)] +
+               [plt.get_cmap('tab20b')(i) for i in range(20)])
+    ranked = list(order) + sorted(set(keys) - set(order))
+    return {k: palette[ranked.index(k) % len(palette)] for k in keys}
+
+
+def _finetuned(key, recs):
+    return bool(ROWS.get(key, {}).get('finetune_from') or recs[0].get('finetuned_from'))
+
+
 def plot(args, records):
+    """The mAP plot (a bar per row, a dot per seed; the fine-tunes after the from-scratch
+    rows; BN at 8 and the goal, 0.9 x its mean, as lines) and the curve plot (loss and
+    gradient norm of each row's lowest seed); one colour per row in both."""
     if not records:
         return
     plt = pyplot()
     prefix = 'det_small_batch_study' + ('_tiny' if args.tiny else '')
-    groups = [(k, recs) for k, recs in _group(records)]
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(groups)), 3.6))
-    for i, ((recipe, ref_iters, key), recs) in enumerate(groups):
+    groups = _group(records)
+    groups = ([g for g in groups if not _finetuned(g[0][2], g[1])] +
+              [g for g in groups if _finetuned(g[0][2], g[1])])
+    colour = colours([k[2] for k, _ in groups], ROWS)
+    recipes = len({k[:2] for k, _ in groups}) > 1
+    tuned = [_finetuned(k[2], recs) for k, recs in groups]
+    xs = [n + (0.6 if t else 0) for n, t in enumerate(tuned)]  # a gap before the fine-tunes
+    fig, ax = plt.subplots(figsize=(max(6, 0.75 * len(groups) + 2), 4.2))
+    for x, ((recipe, ref_iters, key), recs) in zip(xs, groups):
         vals = [r['bbox_mAP'] for r in recs]
-        ax.scatter([i] * len(vals), vals, color='tab:blue', s=18, zorder=3)
-        ax.bar(i, statistics.fmean(vals), color='tab:blue', alpha=0.3)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f'{k[2]} ({k[0]})' for k, _ in groups], fontsize=8, rotation=30,
-                       ha='right')
+        ax.bar(x, statistics.fmean(vals), color=colour[key], alpha=0.45, width=0.8)
+        ax.scatter([x] * len(vals), vals, color=colour[key], edgecolor='black', s=22,
+                   zorder=3)
+    for (recipe, ref_iters, key), recs in groups:  # BN at 8 and the goal, per setting
+        if key != 'bn8':
+            continue
+        span = [x for x, (k, _) in zip(xs, groups) if k[:2] == (recipe, ref_iters)]
+        ref = statistics.fmean(r['bbox_mAP'] for r in recs)
+        ax.hlines(ref, span[0] - 0.5, span[-1] + 0.5, color='black', lw=1,
+                  label=f'BN at 8 (bn8): {ref:.3f}')
+        ax.hlines(0.9 * ref, span[0] - 0.5, span[-1] + 0.5, color='black', lw=1,
+                  linestyle='--', label=f'goal, 0.9 x bn8: {0.9 * ref:.3f}')
+    if any(tuned) and not all(tuned):
+        first = xs[tuned.index(True)]
+        ax.axvline(first - 0.8, color='grey', lw=1, linestyle=':')
+        ax.text(first - 0.7, ax.get_ylim()[1] * 0.97, 'fine-tuned', fontsize=8, va='top',
+                color='grey')
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f'{k[2]} ({k[0]})' if recipes else k[2] for k, _ in groups],
+                       fontsize=8, rotation=35, ha='right')
     ax.set_ylabel('bbox mAP (val)')
-    ax.set_title('Toy RetinaNet R18-FPN, from scratch (evalbn2: fine-tuned from bn8): '
-                 'bar = mean, dots = seeds', fontsize=9)
+    ax.set_title('Toy RetinaNet R18-FPN: bar = mean, dots = seeds; from scratch, then the '
+                 'fine-tunes (from bn8)', fontsize=9)
+    ax.legend(fontsize=8, loc='upper left')
     fig.tight_layout()
     save_figure(fig, osp.join(args.img_dir, prefix + '_map.png'))
     plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colours = plt.get_cmap('tab20')  # one distinct colour per row (tab10 repeats)
-    for i, ((recipe, ref_iters, key), recs) in enumerate(groups):
-        r = sorted(recs, key=lambda r: r['seed'])[0]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    images = {(r['row'], r['seed']): r.get('images_seen', 0) for r in records}
+    for (recipe, ref_iters, key), recs in groups:
+        r = min(recs, key=lambda r: r['seed'])
         c = r.get('curve') or {}
         if not c.get('iter'):
             continue
         batch = r['images_per_gpu'] * r['processes']
-        x = [it * batch for it in c['iter']]
-        colour = colours(i % colours.N)
-        axes[0].plot(x, c['loss'], label=f"{key} ({recipe}, s{r['seed']})", lw=1,
-                     color=colour)
-        axes[1].plot(x, [g if g is not None else math.nan for g in c['grad_norm']],
-                     label=key, lw=1, color=colour)
+        base = ROWS.get(key, {}).get('finetune_from')
+        start = images.get((base, r['seed']), 0) if base else 0
+        label = f"{key} ({recipe + ', ' if recipes else ''}s{r['seed']}" + \
+            (f', from {base} at {start} images)' if base else ')')
+        style = dict(lw=1.2, color=colour[key], linestyle='--' if base else '-')
+        x = [start + it * batch for it in c['iter']]
+        axes[0].plot(x, c['loss'], label=label, **style)
+        axes[1].plot(x, [g if g is not None else math.nan for g in c['grad_norm']], **style)
     axes[0].set_ylabel('training loss')
     axes[1].set_ylabel('grad norm (before clipping at 10)')
     axes[1].set_yscale('log')
     for a in axes:
-        a.set_xlabel('training images seen')
-    axes[0].legend(fontsize=7)
+        a.set_xlabel('training images seen (fine-tunes: after their base run)')
     fig.tight_layout()
+    legend = fig.legend(*axes[0].get_legend_handles_labels(), loc='center left',
+                        bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    for handle in legend.legend_handles:
+        handle.set_linewidth(3)
     save_figure(fig, osp.join(args.img_dir, prefix + '_curves.png'))
     plt.close(fig)
 
@@ -637,17 +711,22 @@ def write_diag_report(args, records):
             f"{med_max(c.get('stale_bwd', []))} | {r['final_loss'] or 0:.3f} |")
     write_text(md, '\n'.join(lines) + '\n')
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    colour = colours({r['variant'] for r in records}, DIAG_ROWS)
+    seeds = sorted({r['seed'] for r in records})
+    dashes = ['-', '--', ':', '-.']
     for r in records:
         c = r.get('curve', {})
         if not c.get('iter'):
             continue
-        axes[0].plot(c['iter'], c['loss'], lw=1, label=f"{r['variant']} s{r['seed']}")
+        style = dict(lw=1, color=colour[r['variant']],
+                     linestyle=dashes[seeds.index(r['seed']) % len(dashes)])
+        axes[0].plot(c['iter'], c['loss'], **style)
         axes[1].plot(c['iter'], [g if g is not None else math.nan for g in c['grad_norm']],
-                     lw=1, label=r['variant'])
+                     **style)
         if c.get('stale_bwd'):
             n = len(c['stale_bwd'])
-            axes[2].plot(c['iter'][-n:], c['stale_bwd'], lw=1, label=r['variant'])
+            axes[2].plot(c['iter'][-n:], c['stale_bwd'], **style)
     axes[0].set_ylabel('training loss')
     axes[1].set_ylabel('grad norm')
     axes[1].set_yscale('log')
@@ -655,8 +734,17 @@ def write_diag_report(args, records):
     axes[2].set_yscale('log')
     for a in axes:
         a.set_xlabel('iteration (2 images)')
-    axes[0].legend(fontsize=7)
+    variants = [v for v in list(DIAG_ROWS) + sorted(set(colour) - set(DIAG_ROWS))
+                if v in colour]
+    handles = [plt.Line2D([], [], color=colour[v], lw=2) for v in variants] + \
+        [plt.Line2D([], [], color='black', lw=1, linestyle=dashes[i % len(dashes)])
+         for i in range(len(seeds))]
+    labels = [v + ('' if any(r.get('curve', {}).get('stale_bwd') for r in records
+                             if r['variant'] == v) else ' (no backward SMA)')
+              for v in variants] + [f'seed {s}' for s in seeds]
     fig.tight_layout()
+    fig.legend(handles, labels, loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
     save_figure(fig, osp.join(args.img_dir, 'det_small_batch_study_diagnosis.png'))
     plt.close(fig)
 

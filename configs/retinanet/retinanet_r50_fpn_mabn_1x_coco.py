@@ -1,5 +1,9 @@
-# RetinaNet R-50 FPN 1x on COCO (data/coco/) with ConvWC + MABN in the backbone, trained
-# (norm_eval=False) at mmdet's 2 images per GPU. MABN recipe for detection
+# RetinaNet R-50 FPN 1x on COCO (data/coco/) with ConvWC + MABN in the backbone (trained,
+# norm_eval=False), the FPN and a normed head with per-level statistics
+# (LevelNormRetinaHead: the head's convs shared across the 5 levels, one MABN per level),
+# at mmdet's 2 images per GPU: the placement of the toy study's best MABN row,
+# `mabn2_all_lvl_late`; the same head with its norms shared across levels
+# (`mabn2_all_late`) fails there. MABN recipe for detection
 # (docs/det_small_batch_study.md):
 # - buffer_size=16: the paper's rule, simulated batch / images per GPU = 32 / 2;
 # - warmup_iters = renorm_iters = 2000: 4x mmdet's linear learning-rate warm-up
@@ -18,5 +22,8 @@ custom_imports = dict(imports=['mmdet_bnplug'], allow_failed_imports=False)
 
 norm_cfg = dict(type='MABN', requires_grad=True, buffer_size=16, warmup_iters=2000,
                 renorm_iters=2000, r_max=5.0, momentum=0.02)
+conv_cfg = dict(type='ConvWC')
 model = dict(
-    backbone=dict(conv_cfg=dict(type='ConvWC'), norm_cfg=norm_cfg, norm_eval=False))
+    backbone=dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg, norm_eval=False),
+    neck=dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg),
+    bbox_head=dict(type='LevelNormRetinaHead', conv_cfg=conv_cfg, norm_cfg=norm_cfg))

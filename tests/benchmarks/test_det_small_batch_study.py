@@ -55,9 +55,7 @@ def _mabn_args(row_key, ref_iters=600):
     args = study.parse_args(['--ref-iters', str(ref_iters)])
     row = study.ROWS[row_key]
     sched = study.schedule(args, row['images_per_gpu'], row['processes'])
-    from mmengine.config import Config
-    cfg = Config.fromstring(study.mabn_text(row, sched), '.py')
-    return sched, cfg.model.to_dict()
+    return sched, study.mabn_parts(row, sched)
 
 
 def test_mabn_recipes_of_the_rows():
@@ -77,6 +75,11 @@ def test_mabn_recipes_of_the_rows():
     head = model['bbox_head']['norm_cfg']
     assert model['neck']['norm_cfg']['warmup_iters'] == 1600
     assert (head['buffer_size'], head['warmup_iters']) == (64, 6400)
+    # a per-level head: each level's layer steps once per iteration, as the backbone's
+    model = _run_config('mabn2_all_lvl_late').model
+    assert model.bbox_head.type == 'LevelNormRetinaHead'
+    assert model.bbox_head.norm_cfg == model.backbone.norm_cfg == model.neck.norm_cfg
+    assert model.bbox_head.norm_cfg.warmup_iters == 1600
 
 
 def test_goal_lines_compare_every_mabn_row_with_bn():
@@ -94,10 +97,13 @@ def test_goal_lines_compare_every_mabn_row_with_bn():
 
 def test_toy_mabn_configs_are_the_study_rows():
     """configs/toy's MABN-at-2 configs reproduce the study's mabn2_late (the recipe) and
-    mabn2_all_late runs (norms, schedule, learning rate) with tools/train.py alone."""
+    mabn2_all_lvl_late runs (norms, head, schedule, learning rate) with tools/train.py
+    alone."""
     from mmengine.config import Config
+
+    from benchmarks import det_small_batch_study as study
     for config, row in (('retinanet_r18_fpn_mabn_2img_toy.py', 'mabn2_late'),
-                        ('retinanet_r18_fpn_mabn_2img_all_toy.py', 'mabn2_all_late')):
+                        ('retinanet_r18_fpn_mabn_2img_all_toy.py', 'mabn2_all_lvl_late')):
         cfg = Config.fromfile(osp.join(REPO, 'configs', 'toy', config))
         sched, model = _mabn_args(row)
         for part in ('backbone', 'neck', 'bbox_head'):
@@ -109,6 +115,8 @@ def test_toy_mabn_configs_are_the_study_rows():
         assert cfg.optim_wrapper.optimizer.lr == sched['lr']
         warmup, steps = cfg.param_scheduler
         assert warmup.end == sched['warmup'] and steps.milestones == sched['milestones']
+        assert cfg.model.bbox_head.type == study.ROWS[row].get('head', {}).get(
+            'type', 'RetinaHead'), config
 
 
 def _run_config(row_key):

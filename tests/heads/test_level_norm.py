@@ -8,6 +8,7 @@ import pytest
 import torch
 from mmdet.models.dense_heads import ATSSHead, FCOSHead, RetinaHead
 from mmdet.registry import MODELS
+from mmengine.registry import DefaultScope
 from mmengine.runner.checkpoint import load_state_dict
 from torch.utils.checkpoint import checkpoint
 
@@ -41,12 +42,18 @@ HEADS = {
 }
 
 
+def _build(cfg):
+    """A head from mmdet's registry, under mmdet's scope whatever test ran before."""
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(cfg)
+
+
 def _head(type_, norm_cfg=BN, **kwargs):
     _, extra, _ = HEADS[type_]
     num_classes = 1 if type_ == 'LevelNormRPNHead' else 3
     torch.manual_seed(0)
-    head = MODELS.build(dict(type=type_, num_classes=num_classes, in_channels=8,
-                             feat_channels=8, norm_cfg=norm_cfg, **extra, **kwargs))
+    head = _build(dict(type=type_, num_classes=num_classes, in_channels=8, feat_channels=8,
+                       norm_cfg=norm_cfg, **extra, **kwargs))
     return head.double()
 
 
@@ -181,9 +188,8 @@ def test_a_shared_norm_checkpoint_loads_into_every_level(norm_cfg, monkeypatch):
     logged = []
     monkeypatch.setattr(level_norm, 'print_log', lambda msg, **kw: logged.append(msg))
     torch.manual_seed(3)
-    shared = MODELS.build(dict(type='RetinaHead', num_classes=3, in_channels=8,
-                               feat_channels=8, norm_cfg=norm_cfg,
-                               **HEADS['LevelNormRetinaHead'][1])).double().train()
+    shared = _build(dict(type='RetinaHead', num_classes=3, in_channels=8, feat_channels=8,
+                         norm_cfg=norm_cfg, **HEADS['LevelNormRetinaHead'][1])).double().train()
     shared(_feats())  # statistics away from their initial values
     state = shared.state_dict()
     head = _head('LevelNormRetinaHead', norm_cfg)

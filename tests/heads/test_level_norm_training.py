@@ -10,8 +10,8 @@ from conftest import REPO, SHORT, data_root_options, run_tool
 
 CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_mabn_2img_all_toy.py')
 # the head's MABN moving averages within the 4 iterations (buffer 2, from iteration 3)
-MABN_SHORT = [f'model.bbox_head.norm_cfg.{k}={v}' for k, v in (('buffer_size', 2), ('warmup_iters', 2),
-                                               ('renorm_iters', 2))]
+MABN_SHORT = [f'model.bbox_head.norm_cfg.{k}=2'
+              for k in ('buffer_size', 'warmup_iters', 'renorm_iters')]
 
 
 def _options(root):
