@@ -7,17 +7,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch first (the CPU wheel), then mmcv 2.1.0 built from source with its CPU ops against it,
-# then this package with the compiled CPU kernels of MABN and PortableSyncBN (setup.py;
-# torch needed at build time).
+# torch first (TORCH_SPEC: from PyPI the CUDA build on Linux x86_64; a torch 2.13.0 already
+# in the venv, e.g. the CPU build, is kept), then mmcv 2.1.0 built from source with its CPU
+# ops against it, then this package with the compiled CPU kernels of MABN and PortableSyncBN
+# (setup.py; torch needed at build time).
 TORCH_SPEC ?= torch==2.13.0
 SETUPTOOLS_SPEC := setuptools>=77,<81
 MMCV_SPEC := mmcv==2.1.0
 STAMP := $(VENV)/.bnplug-installed
 
-# the mmpretrain tests' own environment: mmpretrain imports torchvision, which does not
-# load beside the CPU torch above; torch 2.14.1 + torchvision 0.29.1 (a CUDA build, run on
-# the CPU), mmcv without ops, and a copy of this package installed from the working tree
+# the mmpretrain tests' own environment: mmpretrain imports torchvision, whose PyPI build
+# does not load beside the CPU build of torch 2.13; torch 2.14.1 + torchvision 0.29.1 (a CUDA
+# build, run on the CPU), mmcv without ops, and a copy of this package installed from the
+# working tree
 PRETRAIN_VENV ?= .venv-mmpretrain
 PRETRAIN_PY := $(PRETRAIN_VENV)/bin/python
 PRETRAIN_SPECS := 'torch==2.14.1' 'torchvision==0.29.1' 'mmcv-lite==2.1.0' 'mmengine==0.10.7' \

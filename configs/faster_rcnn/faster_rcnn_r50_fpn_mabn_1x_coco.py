@@ -9,7 +9,8 @@
 # pretrained backbone as the paper does.
 _base_ = './faster_rcnn_r50_fpn_bn_1x_coco.py'
 
-norm_cfg = dict(type='MABN', requires_grad=True, warmup_iters=2000, renorm_iters=2000)
+norm_cfg = dict(type='MABN', requires_grad=True, buffer_size=16, warmup_iters=2000,
+                renorm_iters=2000, r_max=5.0, momentum=0.02)
 conv_cfg = dict(type='ConvWC')
 model = dict(
     backbone=dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg, norm_eval=False),

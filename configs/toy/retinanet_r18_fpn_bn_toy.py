@@ -1,7 +1,8 @@
 # RetinaNet, ResNet-18 + FPN, plain BN, trained from scratch on the synthetic shapes
 # dataset (python tools/make_synthetic.py data/synthetic). Sized for 2 CPU cores:
 # 128 px images, strides 8-64, a slim head; training time: README.md, Results.
-# The other toy configs inherit this one and change only the norm layer.
+# The other toy configs inherit this one (or one that does); what each changes: README.md,
+# Configs.
 _base_ = 'mmdet::_base_/default_runtime.py'
 custom_imports = dict(imports=['mmdet_bnplug'], allow_failed_imports=False)
 

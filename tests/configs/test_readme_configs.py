@@ -49,9 +49,11 @@ SNIPPETS = readme_snippets()
 
 def test_the_readme_shows_every_layer():
     assert [p for p, _ in SNIPPETS] == [
-        'configs/toy/retinanet_r18_fpn_evalbn_toy.py', 'configs/toy/retinanet_r18_fpn_mabn_toy.py',
+        'configs/toy/retinanet_r18_fpn_evalbn_toy.py',
+        'configs/toy/retinanet_r18_fpn_mabn_2img_toy.py',
         'configs/toy/retinanet_r18_fpn_syncbn_toy.py',
-        'configs/toy/retinanet_effb0_normeval_toy.py']
+        'configs/toy/retinanet_effb0_normeval_toy.py',
+        'configs/toy/retinanet_r18_fpn_mabn_2img_all_toy.py']
 
 
 @pytest.mark.parametrize('path, snippet', SNIPPETS, ids=[p for p, _ in SNIPPETS])
