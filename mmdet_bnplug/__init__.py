@@ -9,8 +9,14 @@ from . import patches
 
 patches.apply_enabled()
 
-# registers the hooks and optimizer wrapper, then MABN, ConvWC, EvalBN, PortableSyncBN
-# and NormEval, then the per-level-norm heads
-from . import engine, heads, layers  # noqa: E402,F401
+# registers the hooks and optimizer wrapper, then MABN, ConvWC, EvalBN, PortableSyncBN,
+# LevelNorm and NormEval; with mmdet installed (not in an mmseg- or mmpretrain-only
+# environment), the per-level-norm heads
+from importlib.util import find_spec  # noqa: E402
+
+from . import engine, layers  # noqa: E402,F401
+
+if find_spec('mmdet') is not None:
+    from . import heads  # noqa: F401
 
 __version__ = '0.1.0'
