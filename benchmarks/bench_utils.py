@@ -54,7 +54,8 @@ def interleaved_medians(steps: Dict[str, Callable[[], object]], repeats: int,
 
 def run_on_gloo(worker: Callable, procs: int, threads: int, *args):
     """``worker(rank, world_size, *args)`` on ``procs`` gloo ranks of ``threads`` torch
-    threads each (``gloo_spawn.run_gloo``, bounded in time); returns rank 0's result."""
+    threads each (``mmdet_bnplug.testing.gloo.run_gloo``, bounded in time); returns
+    rank 0's result."""
     return run_gloo(worker, procs, args=args, timeout=RUN_TIMEOUT_S,
                     pg_timeout=COLLECTIVE_TIMEOUT_S, threads=threads)[0]
 

@@ -1,6 +1,6 @@
 """Helpers for tests that need several gloo processes on one machine.
 
-``run_distributed(fn, world_size)`` is ``benchmarks.gloo_spawn.run_gloo``: it spawns
+``run_distributed(fn, world_size)`` is ``mmdet_bnplug.testing.gloo.run_gloo``: it spawns
 ``world_size`` processes, initialises a gloo process group in each, calls
 ``fn(rank, world_size, *args)`` and returns the per-rank results.
 ``run_launcher(cmd)`` runs a launcher script (torchrun and its workers);
