@@ -14,6 +14,7 @@ import torch
 
 from conftest import REPO, SHORT, data_root_options, run_tool
 from dist_utils import free_port, run_launcher
+from mmdet_bnplug.utils.outputs import relative_change
 
 SYNCBN_TOY = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_syncbn_toy.py')
 ITERS = 3
@@ -54,13 +55,11 @@ STATISTICS = ('running_mean', 'running_var', 'num_batches_tracked')
 def update_difference(start, reference, other):
     """Relative L2 difference of the parameters' updates (final - start; the running
     statistics, equal either way, left out)."""
-    num = den = 0.0
-    for key, value in reference.items():
-        if not key.endswith(STATISTICS):
-            ref_update = value.double() - start[key].double()
-            num += float((other[key].double() - value.double()).square().sum())
-            den += float(ref_update.square().sum())
-    return (num / den) ** 0.5
+    keys = [key for key in reference if not key.endswith(STATISTICS)]
+
+    def updates(state):
+        return [state[key].double() - start[key].double() for key in keys]
+    return relative_change(updates(other), updates(reference))
 
 
 @pytest.fixture(scope='module')
