@@ -27,13 +27,13 @@ import os
 import os.path as osp
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 from benchmarks.bench_utils import pyplot, save_figure, write_text
+from mmdet_bnplug.testing.gloo import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY = osp.join(ROOT, 'configs', 'toy')
@@ -295,12 +295,6 @@ def mabn_parts(row, sched, diag=None):
 
 
 # ----------------------------------------------------------------------------- running
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 def run(cmd, env, log_path):
     with open(log_path, 'w') as log:

@@ -2,7 +2,8 @@
 
 ``run_distributed(fn, world_size)`` is ``mmdet_bnplug.testing.gloo.run_gloo``: it spawns
 ``world_size`` processes, initialises a gloo process group in each, calls
-``fn(rank, world_size, *args)`` and returns the per-rank results.
+``fn(rank, world_size, *args)`` and returns the per-rank results; ``free_port()`` is the
+same module's.
 ``run_launcher(cmd)`` runs a launcher script (torchrun and its workers);
 ``launched(runs)`` starts several side by side (the nodes of one multi-node run) and
 ``wait_all`` waits for them. All are bounded in time: on a child's error or on the
@@ -10,13 +11,13 @@ deadline every child is killed, torchrun's workers included (``kill_tree``).
 """
 import os
 import signal
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
 
 import torch.distributed as dist
 
+from mmdet_bnplug.testing.gloo import free_port  # noqa: F401
 from mmdet_bnplug.testing.gloo import run_gloo as run_distributed  # noqa: F401
 
 # collectives a layer could call: torch.distributed's functions and the process group's
@@ -30,13 +31,6 @@ GROUP_COLLECTIVES = ('allreduce', 'allreduce_coalesced', 'allgather', 'allgather
                      'broadcast', 'reduce', 'reduce_scatter', 'reduce_scatter_single',
                      '_reduce_scatter_base', 'alltoall', 'alltoall_base', 'gather', 'scatter',
                      'barrier')
-
-
-def free_port():
-    """A TCP port that was free a moment ago (for torchrun's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid):

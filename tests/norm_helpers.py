@@ -12,6 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdet_bnplug.layers import portable_sync_bn
 from mmdet_bnplug.utils.bn_like import bn_like_layers
 
+# a BN-like layer's statistics buffers (state-dict key suffixes)
+STATISTICS = ('running_mean', 'running_var', 'num_batches_tracked')
+
 
 def randomise_norms(model, seed=0):
     """Non-trivial statistics and affine for every BN-like layer below ``model``."""

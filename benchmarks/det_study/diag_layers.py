@@ -1,6 +1,6 @@
 """Diagnostic MABN for the detection small-batch study (not part of the package).
 
-``MABNDiag`` is the spec's MABN (``/work/shared/spec/mabn.md``) written as plain tensor
+``MABNDiag`` is the spec's MABN (``docs/mabn_spec.md``) written as plain tensor
 ops, with switches to turn each of its parts off, so that the study can measure which
 part destabilises training at 2 images per batch:
 

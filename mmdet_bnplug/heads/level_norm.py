@@ -27,9 +27,9 @@ from mmengine.registry import MODELS
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers._checks import check_bool
 from ..layers.level_norm import LevelNorm, at_level
 from ..utils.bn_like import bn_like_layers
+from ..utils.checks import check_bool
 from ..utils.modules import replace_modules
 
 _FEATURES = '_bnplug_level_features'

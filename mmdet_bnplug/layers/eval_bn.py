@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._checks import check_bn_args
-from ._utils import cast, channel_view, stat_dtype
+from ..utils.checks import check_bn_args
+from ..utils.tensors import cast, channel_view, stat_dtype
 
 # Below this many input elements the native kernel's saved input is negligible and
 # beats a Python autograd Function on time: the frozen path uses it there too.

@@ -14,7 +14,7 @@ from mmengine.logging import print_log
 from torch import nn
 
 from ..utils.bn_like import is_bn_like
-from ._checks import check_bool
+from ..utils.checks import check_bool
 
 _ROUTE = contextvars.ContextVar('mmdet_bnplug_fpn_level', default=None)
 

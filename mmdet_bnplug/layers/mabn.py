@@ -15,9 +15,9 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import mabn as mabn_ops
+from ..utils.checks import check_bool, check_int, check_real
 from ..utils.recompute import inside_backward
-from ._checks import check_bool, check_int, check_real
-from ._utils import stat_dtype
+from ..utils.tensors import stat_dtype
 
 
 @MODELS.register_module()

@@ -13,7 +13,7 @@ from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
 from ..utils.bn_like import bn_like_types
-from ._checks import check_bool
+from ..utils.checks import check_bool
 
 _MARK = '_bnplug_norm_eval'  # per-layer flag read by the layer's own forward pre-hook
 _BY = '_bnplug_norm_eval_by'  # per-layer: who enforces it (shown by inspect_norms)

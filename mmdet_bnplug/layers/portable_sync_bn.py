@@ -32,9 +32,9 @@ from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..utils.checks import check_bn_args, check_real
 from ..utils.recompute import inside_backward
-from ._checks import check_bn_args, check_real
-from ._utils import cast, channel_view, reduce_dims, stat_dtype
+from ..utils.tensors import cast, channel_view, reduce_dims, stat_dtype
 
 try:  # the compiled CPU kernels (setup.py builds them)
     from ..ops import _sync_bn_cpu as cpu_kernels

@@ -50,7 +50,7 @@ import warnings
 
 import torch
 
-from ..layers._utils import cast, channel_view, stat_dtype
+from ..utils.tensors import cast, channel_view, stat_dtype
 
 NAMESPACE = 'mmdet_bnplug'
 SCHEMAS = {

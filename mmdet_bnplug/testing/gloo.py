@@ -5,9 +5,11 @@ group in each (file rendezvous, so no port can clash with a concurrent run; with
 ``backend='nccl'`` an nccl group, rank r on GPU r), calls
 ``fn(rank, world_size, *args)``, destroys the group and returns the per-rank results.
 On a child's error or on the deadline every child is killed. Used by the small-batch
-study and by the distributed tests.
+study and by the distributed tests. ``free_port()`` is a port for launchers that need
+one (torchrun's rendezvous).
 """
 import os
+import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -15,6 +17,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def _entry(rank, fn, world_size, init_file, out_dir, pg_timeout, threads, args, backend):

@@ -1,4 +1,4 @@
-"""MABN's float64 reference: ``shared/spec/mabn.md`` written out in numpy, independent of
+"""MABN's float64 reference: ``docs/mabn_spec.md`` written out in numpy, independent of
 the layer's implementation. The tests compare MABN with it step by step; the benchmark's
 "naive" candidate runs it."""
 import numpy as np

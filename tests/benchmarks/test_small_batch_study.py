@@ -19,6 +19,7 @@ from benchmarks.study.runs import (
     run_synced,
 )
 from mmdet_bnplug.layers.mabn import MABN
+from norm_helpers import STATISTICS
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 
@@ -47,7 +48,7 @@ def test_ghost_size_at_least_batch_is_plain_bn():
         ghost = GhostNorm(copy.deepcopy(bn), ghost_size)
         for got, want in zip(_forward_backward(ghost, x, dy), _forward_backward(bn, x, dy)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-        for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+        for name in STATISTICS:
             torch.testing.assert_close(getattr(ghost.norm, name), getattr(bn, name),
                                        rtol=0, atol=0)
         torch.testing.assert_close(ghost.norm.weight.grad, bn.weight.grad, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""MABN against an independent float64 (numpy) implementation of shared/spec/mabn.md,
+"""MABN against an independent float64 (numpy) implementation of docs/mabn_spec.md,
 on both CPU training paths (compiled and PyTorch: the ``mabn_path`` fixture) and on CUDA
 (the PyTorch implementation, by dispatch)."""
 import io

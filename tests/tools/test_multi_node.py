@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, SHORT, data_root_options, pythonpath
 from dist_utils import free_port, kill_tree, launched, wait_all
+from norm_helpers import STATISTICS
 from rank_watch import Heartbeat
 
 SYNCBN_TOY = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_syncbn_toy.py')
@@ -23,7 +24,6 @@ HERE = osp.dirname(osp.abspath(__file__))  # rank_state_hook.py
 # a few iterations, no validation or checkpoint: the tests compare what the ranks hold
 FEW = ['train_cfg.max_iters=3', 'train_cfg.val_begin=100',
        'default_hooks.checkpoint.interval=100', 'train_dataloader.batch_size=2']
-STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 RUN_TIMEOUT_S = 300  # a whole 2-node run on a busy machine
 
 
@@ -88,7 +88,7 @@ def test_two_nodes_train_in_sync(tiny_synthetic, tmp_path, nproc, group_size):
     state = ranks[0]['state']
     assert state['backbone.bn1.num_batches_tracked'] == 3
     for key in state:
-        if not key.endswith(STATS):  # parameters: DDP averages over the world
+        if not key.endswith(STATISTICS):  # parameters: DDP averages over the world
             assert all(torch.equal(rank['state'][key], state[key]) for rank in ranks), key
         for group in groups:  # statistics: one group, one set, bit for bit
             assert all(torch.equal(rank['state'][key], group[0]['state'][key])

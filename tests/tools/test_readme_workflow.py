@@ -11,6 +11,7 @@ from mmengine.config import Config
 
 from conftest import REPO, SHORT, TOY_BN_CONFIG, data_root_options, run_tool
 from dist_utils import free_port, run_launcher
+from norm_helpers import STATISTICS
 
 TOY_EVALBN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_evalbn_toy.py')
 TOY_SYNCBN_CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_syncbn_toy.py')
@@ -20,7 +21,7 @@ DEMO_WORK_DIR = 'work_dirs/retinanet_r18_fpn_bn_toy'
 def backbone_norm_state(path):
     state = torch.load(path, map_location='cpu')['state_dict']
     return {k: v for k, v in state.items() if k.startswith('backbone.') and
-            k.rsplit('.', 1)[-1] in ('running_mean', 'running_var', 'num_batches_tracked')}
+            k.rsplit('.', 1)[-1] in STATISTICS}
 
 
 def metric_line(stdout):

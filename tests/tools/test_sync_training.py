@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, SHORT, data_root_options, run_tool
 from dist_utils import free_port, run_launcher
 from mmdet_bnplug.utils.outputs import relative_change
+from norm_helpers import STATISTICS
 
 SYNCBN_TOY = osp.join(REPO, 'configs', 'toy', 'retinanet_r18_fpn_syncbn_toy.py')
 ITERS = 3
@@ -49,7 +50,6 @@ def train(tmp_path, name, procs, load_from, tiny_synthetic, hook=True):
     return state, grad_norms
 
 
-STATISTICS = ('running_mean', 'running_var', 'num_batches_tracked')
 
 
 def update_difference(start, reference, other):

@@ -4,8 +4,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ...layers._checks import check_int
 from ...utils.bn_like import bn_like_layers
+from ...utils.checks import check_int
 
 
 def per_micro_batch_momentum(momentum: float, counts: int) -> float:

@@ -6,9 +6,9 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ...layers._checks import check_bool
 from ...layers.norm_eval import apply_norm_eval
 from ...utils.bn_like import bn_like_layers
+from ...utils.checks import check_bool
 
 
 def freeze_norms(model, include, exclude=(), freeze_affine=False, by='FreezeNormsHook'):

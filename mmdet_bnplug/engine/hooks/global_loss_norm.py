@@ -31,7 +31,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ...layers._checks import check_bool
+from ...utils.checks import check_bool
 
 _EPS = torch.finfo(torch.float32).eps  # mmdet's weight_reduce_loss: sum / (avg_factor + eps)
 _MARK = '_bnplug_global_loss_norm'

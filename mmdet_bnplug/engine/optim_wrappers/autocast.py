@@ -10,7 +10,7 @@ import torch
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from ...layers._checks import check_choice
+from ...utils.checks import check_choice
 
 
 @OPTIM_WRAPPERS.register_module()

@@ -1,5 +1,5 @@
 """Small tensor helpers shared by the norm layers and their ops: the statistics dtype,
-cheap casts, per-channel broadcast views (argument checks are in ``_checks.py``)."""
+cheap casts, per-channel broadcast views (argument checks are in ``checks.py``)."""
 from typing import Optional
 
 import torch
